@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 import keras
+import tensorflow as tf
 
 from harmonizer import layers as hlayers
 
@@ -23,6 +24,17 @@ SMALL_CNN_WIDTHS = (32, 64, 128, 128)
 SMALL_RESNET_WIDTHS = (16, 32, 64)
 SMALL_NET_KERNEL_SIZE = 3
 # Keras's BatchNormalization defaults (momentum 0.99, epsilon 1e-3) suit these small nets.
+
+# ViT-B/16 (Dosovitskiy et al., 2021, table 1): patch 16, 12 layers, width 768, MLP 3072,
+# 12 heads, layer-norm epsilon 1e-6.
+VIT_B16 = {
+    "patch_size": 16,
+    "num_layers": 12,
+    "hidden_size": 768,
+    "mlp_size": 3072,
+    "num_heads": 12,
+}
+VIT_LAYER_NORM_EPSILON = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +203,202 @@ def _build_small_resnet(
     return keras.Model(inputs, logits, name="small_resnet_backbone")
 
 
+def _exact_normalization(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """Clone ``layer``, replacing Keras normalization layers by their exact-gradient versions."""
+    config = layer.get_config()
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return hlayers.ExactBatchNormalization.from_config(config)
+    if isinstance(layer, keras.layers.LayerNormalization):
+        return hlayers.ExactLayerNormalization.from_config(config)
+    return layer.__class__.from_config(config)
+
+
+def _without_builtin_preprocessing(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """Clone ``layer`` as ``_exact_normalization`` does, and drop the input scaling layers.
+
+    ``keras.applications.EfficientNetB0`` starts with ``Rescaling(1/255)`` and an unadapted
+    ``Normalization``. The zoo records preprocessing in one ``ImagePreprocessing`` layer
+    instead, so those two become identities.
+    """
+    if isinstance(layer, keras.layers.Rescaling | keras.layers.Normalization):
+        return keras.layers.Identity(name=layer.name)
+    return _exact_normalization(layer)
+
+
+def _from_keras_applications(
+    application: Callable[..., keras.Model],
+    num_classes: int,
+    image_size: int,
+    clone_function: Callable[[keras.layers.Layer], keras.layers.Layer] = _exact_normalization,
+) -> keras.Model:
+    """Build a ``keras.applications`` model without weights and swap its normalization."""
+    model = application(
+        include_top=True,
+        weights=None,
+        input_shape=(image_size, image_size, 3),
+        classes=num_classes,
+        classifier_activation=None,
+    )
+    return keras.models.clone_model(model, clone_function=clone_function)
+
+
+def _build_resnet50(num_classes: int, image_size: int) -> keras.Model:
+    return _from_keras_applications(keras.applications.ResNet50, num_classes, image_size)
+
+
+def _build_resnet50v2(num_classes: int, image_size: int) -> keras.Model:
+    return _from_keras_applications(keras.applications.ResNet50V2, num_classes, image_size)
+
+
+def _build_vgg16(num_classes: int, image_size: int) -> keras.Model:
+    return _from_keras_applications(keras.applications.VGG16, num_classes, image_size)
+
+
+def _build_efficientnetb0(num_classes: int, image_size: int) -> keras.Model:
+    return _from_keras_applications(
+        keras.applications.EfficientNetB0,
+        num_classes,
+        image_size,
+        clone_function=_without_builtin_preprocessing,
+    )
+
+
+@keras.saving.register_keras_serializable(package=hlayers.SERIALIZATION_PACKAGE)
+class ClassTokenAndPosition(keras.layers.Layer):
+    """Prepend a learned class token to a token sequence and add learned position embeddings.
+
+    Input ``[batch, tokens, width]``, output ``[batch, tokens + 1, width]``.
+    """
+
+    def build(self, input_shape):
+        num_tokens, width = input_shape[1], input_shape[2]
+        self.class_token = self.add_weight(
+            shape=(1, 1, width), name="class_token", initializer="zeros"
+        )
+        self.position_embedding = self.add_weight(
+            shape=(1, num_tokens + 1, width),
+            name="position_embedding",
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+
+    def call(self, tokens):
+        batch_size = tf.shape(tokens)[0]
+        class_token = tf.cast(self.class_token, tokens.dtype)
+        class_tokens = tf.tile(class_token, [batch_size, 1, 1])
+        sequence = tf.concat([class_tokens, tokens], axis=1)
+        return sequence + tf.cast(self.position_embedding, tokens.dtype)
+
+    def compute_output_shape(self, input_shape):
+        num_tokens = None if input_shape[1] is None else input_shape[1] + 1
+        return (input_shape[0], num_tokens, input_shape[2])
+
+
+@keras.saving.register_keras_serializable(package=hlayers.SERIALIZATION_PACKAGE)
+class ClassTokenOutput(keras.layers.Layer):
+    """Select the class token (position 0) of a ``[batch, tokens, width]`` sequence."""
+
+    def call(self, sequence):
+        return sequence[:, 0]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
+def _vit_encoder_block(x, num_heads: int, mlp_size: int, dropout: float, name: str):
+    hidden_size = x.shape[-1]
+    y = hlayers.ExactLayerNormalization(epsilon=VIT_LAYER_NORM_EPSILON, name=f"{name}_ln1")(x)
+    y = keras.layers.MultiHeadAttention(
+        num_heads=num_heads,
+        key_dim=hidden_size // num_heads,
+        dropout=dropout,
+        name=f"{name}_attention",
+    )(y, y)
+    y = keras.layers.Dropout(dropout, name=f"{name}_attention_dropout")(y)
+    x = keras.layers.Add(name=f"{name}_add1")([x, y])
+
+    y = hlayers.ExactLayerNormalization(epsilon=VIT_LAYER_NORM_EPSILON, name=f"{name}_ln2")(x)
+    y = keras.layers.Dense(mlp_size, activation="gelu", name=f"{name}_mlp1")(y)
+    y = keras.layers.Dropout(dropout, name=f"{name}_mlp_dropout1")(y)
+    y = keras.layers.Dense(hidden_size, name=f"{name}_mlp2")(y)
+    y = keras.layers.Dropout(dropout, name=f"{name}_mlp_dropout2")(y)
+    return keras.layers.Add(name=f"{name}_add2")([x, y])
+
+
+def _build_vit(
+    num_classes: int,
+    image_size: int,
+    patch_size: int,
+    num_layers: int,
+    hidden_size: int,
+    mlp_size: int,
+    num_heads: int,
+    dropout: float = 0.0,
+    name: str = "vit_backbone",
+) -> keras.Model:
+    """A Vision Transformer: patch embedding, class token, pre-norm encoder, linear head."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}.")
+    inputs = keras.Input((image_size, image_size, 3))
+    x = keras.layers.Conv2D(
+        hidden_size, patch_size, strides=patch_size, padding="valid", name="patch_embedding"
+    )(inputs)
+    x = keras.layers.Reshape((-1, hidden_size), name="patch_tokens")(x)
+    x = ClassTokenAndPosition(name="class_token_and_position")(x)
+    x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
+    for index in range(num_layers):
+        x = _vit_encoder_block(x, num_heads, mlp_size, dropout, name=f"encoder{index}")
+    x = hlayers.ExactLayerNormalization(epsilon=VIT_LAYER_NORM_EPSILON, name="encoder_norm")(x)
+    class_output = ClassTokenOutput(name="class_output")(x)
+    logits = keras.layers.Dense(num_classes, name="logits")(class_output)
+    return keras.Model(inputs, logits, name=name)
+
+
+def _build_vit_b16(num_classes: int, image_size: int, dropout: float = 0.0) -> keras.Model:
+    return _build_vit(num_classes, image_size, dropout=dropout, name="vit_b16_backbone", **VIT_B16)
+
+
+register(
+    ModelSpec(
+        name="resnet50",
+        builder=_build_resnet50,
+        preprocessing="caffe",
+        normalization="ExactBatchNormalization (epsilon 1.001e-5), after every convolution",
+    )
+)
+register(
+    ModelSpec(
+        name="resnet50v2",
+        builder=_build_resnet50v2,
+        preprocessing="tf",
+        normalization="ExactBatchNormalization (epsilon 1.001e-5), pre-activation",
+    )
+)
+register(
+    ModelSpec(
+        name="vgg16",
+        builder=_build_vgg16,
+        preprocessing="caffe",
+        normalization="none (VGG16 has no normalization layer)",
+    )
+)
+register(
+    ModelSpec(
+        name="efficientnetb0",
+        builder=_build_efficientnetb0,
+        preprocessing="torch",
+        normalization="ExactBatchNormalization (Keras defaults), after every convolution",
+    )
+)
+register(
+    ModelSpec(
+        name="vit_b16",
+        builder=_build_vit_b16,
+        preprocessing="tf",
+        normalization="ExactLayerNormalization (epsilon 1e-6), pre-norm",
+        image_size_multiple=VIT_B16["patch_size"],
+        min_image_size=VIT_B16["patch_size"],
+    )
+)
 register(
     ModelSpec(
         name="small_cnn",
