@@ -30,6 +30,7 @@ def target_weights(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
     Integer labels [B] give one-hot rows (the true-class logit); soft labels [B, K] (after
     mixup) weight each class's logit by its share of the label.
     """
+    labels = tf.convert_to_tensor(labels)
     if labels.shape.rank == 1:
         return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
     return tf.cast(labels, tf.float32)

@@ -1,0 +1,232 @@
+"""Build and run a training job from a validated configuration.
+
+`experiments/train.py` turns flags into a `TrainConfig` and calls `train`; tests and the demo
+call `train` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from harmonizer import data, export, zoo
+from harmonizer.model import Harmonizer
+from harmonizer.schedules import WarmupCosine
+
+NUM_IMAGENET_CLASSES = 1000
+TRAIN_PATTERN = "train-*"
+VALIDATION_PATTERN = "val-*"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a training run; `validate` checks them before anything is built."""
+
+    data_dir: str
+    model_dir: str
+    model: str = "small_cnn"
+    num_classes: int = NUM_IMAGENET_CLASSES
+    image_size: int = 224
+    batch_size: int = 512
+    epochs: float = 90.0
+    steps_per_epoch: int = 0
+    learning_rate: float = 0.3
+    warmup_epochs: float = 5.0
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    harmonization_weight: float = 1.0
+    weight_decay: float = 5e-5
+    seed: int = 0
+    deterministic: bool = False
+    validation_batch_size: int = 0
+    export: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid option and its valid range."""
+        zoo.spec_of(self.model)
+        checks = [
+            (self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (
+                self.steps_per_epoch >= 0,
+                f"steps_per_epoch must be >= 0 (0 = count the records), got {self.steps_per_epoch}",
+            ),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (
+                0 <= self.warmup_epochs < self.epochs,
+                f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}",
+            ),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (
+                0 <= self.label_smoothing < 1,
+                f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (
+                self.harmonization_weight >= 0,
+                (
+                    f"harmonization_weight must be >= 0 (0 trains the baseline), "
+                    f"got {self.harmonization_weight}"
+                ),
+            ),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (
+                self.validation_batch_size >= 0,
+                (
+                    f"validation_batch_size must be >= 0 (0 = batch_size), "
+                    f"got {self.validation_batch_size}"
+                ),
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        train_files = tf.io.gfile.glob(os.path.join(self.data_dir, TRAIN_PATTERN))
+        if not train_files:
+            raise ValueError(
+                f"no training shards {TRAIN_PATTERN!r} in data_dir={self.data_dir!r}; build "
+                "them with `python -m tfrecords.build` or point --data_dir at them"
+            )
+
+
+def _steps_per_epoch(config: TrainConfig) -> int:
+    if config.steps_per_epoch:
+        return config.steps_per_epoch
+    count = data.count_records(os.path.join(config.data_dir, TRAIN_PATTERN))
+    steps = count // config.batch_size
+    if steps < 1:
+        raise ValueError(
+            f"{count} training examples make no full batch of {config.batch_size}; "
+            "lower --batch_size"
+        )
+    return steps
+
+
+def build_datasets(config: TrainConfig) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
+    """Return the repeated training dataset and the validation dataset (None if absent)."""
+    train = data.build_dataset(
+        data.PipelineConfig(
+            file_pattern=os.path.join(config.data_dir, TRAIN_PATTERN),
+            batch_size=config.batch_size,
+            image_size=config.image_size,
+            training=True,
+            seed=config.seed,
+            deterministic=config.deterministic,
+        )
+    )
+    validation_pattern = os.path.join(config.data_dir, VALIDATION_PATTERN)
+    validation = None
+    if tf.io.gfile.glob(validation_pattern):
+        validation = data.build_dataset(
+            data.PipelineConfig(
+                file_pattern=validation_pattern,
+                batch_size=config.validation_batch_size or config.batch_size,
+                image_size=config.image_size,
+                training=False,
+            )
+        )
+    return train, validation
+
+
+def build_model(config: TrainConfig, total_steps: int, warmup_steps: int) -> Harmonizer:
+    """Build the backbone, wrap it in a `Harmonizer` and compile it with SGD + momentum."""
+    backbone = zoo.build(config.model, num_classes=config.num_classes, image_size=config.image_size)
+    model = Harmonizer(
+        backbone,
+        harmonization_weight=config.harmonization_weight,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+    )
+    schedule = WarmupCosine(config.learning_rate, warmup_steps, total_steps)
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum)
+    model.compile(optimizer=optimizer)
+    return model
+
+
+class ProgressLogger(keras.callbacks.Callback):
+    """Log step, epoch, learning rate, loss parts and throughput; stop on a NaN loss."""
+
+    def __init__(self, batch_size: int, steps_per_epoch: int, every_steps: int = 0):
+        super().__init__()
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.every_steps = every_steps or max(1, steps_per_epoch)
+        self._start = time.time()
+        self._step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        logs = logs or {}
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.model.stop_training = True
+            raise FloatingPointError(
+                f"loss became {loss} at step {self._step}; lower the learning rate or check "
+                "the input data"
+            )
+        if self._step % self.every_steps == 0:
+            elapsed = time.time() - self._start
+            learning_rate = float(self.model.optimizer.learning_rate)
+            parts = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(logs.items()))
+            logging.info(
+                "step %d epoch %.1f lr %.4g | %s | %.1f images/s, %.0f s elapsed",
+                self._step,
+                self._step / self.steps_per_epoch,
+                learning_rate,
+                parts,
+                self._step * self.batch_size / max(elapsed, 1e-9),
+                elapsed,
+            )
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, evaluate on the validation shards if present, export, and return the results."""
+    config.validate()
+    keras.utils.set_random_seed(config.seed)
+    tf.io.gfile.makedirs(config.model_dir)
+
+    steps_per_epoch = _steps_per_epoch(config)
+    total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    logging.info(
+        "training %s for %d steps (%d per epoch, %d warm-up), harmonization_weight=%g",
+        config.model,
+        total_steps,
+        steps_per_epoch,
+        warmup_steps,
+        config.harmonization_weight,
+    )
+    train_data, validation_data = build_datasets(config)
+    model = build_model(config, total_steps, warmup_steps)
+
+    history = model.fit(
+        train_data,
+        epochs=int(math.ceil(total_steps / steps_per_epoch)),
+        steps_per_epoch=steps_per_epoch,
+        callbacks=[ProgressLogger(config.batch_size, steps_per_epoch)],
+        verbose=0,
+    )
+    results = {"config": dataclasses.asdict(config), "steps": total_steps}
+    results["train"] = {k: float(v[-1]) for k, v in history.history.items()}
+    if validation_data is not None:
+        results["validation"] = {
+            k: float(v)
+            for k, v in model.evaluate(validation_data, verbose=0, return_dict=True).items()
+        }
+        logging.info("validation: %s", results["validation"])
+    if config.export:
+        export.export_model(
+            model.backbone,
+            os.path.join(config.model_dir, "export"),
+            extra_info={"harmonization_weight": config.harmonization_weight},
+        )
+    with tf.io.gfile.GFile(os.path.join(config.model_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
