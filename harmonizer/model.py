@@ -103,7 +103,7 @@ class Harmonizer(keras.Model):
         return logits, saliency.reduce_saliency(gradients, saliency.SIGNED_MEAN)
 
     def train_step(self, data):
-        features, labels = data
+        features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(features["image"], tf.float32)
         maps = tf.cast(features["map"], tf.float32)
         has_map = tf.cast(features["has_map"], tf.float32)
@@ -163,7 +163,7 @@ class Harmonizer(keras.Model):
         return tf.cast(correct, tf.float32)
 
     def test_step(self, data):
-        features, labels = data
+        features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(features["image"], tf.float32)
         maps = tf.cast(features["map"], tf.float32)
         has_map = tf.cast(features["has_map"], tf.float32)
