@@ -116,13 +116,22 @@ def preprocessing_of(name_or_model: str | keras.Model) -> str:
     )
 
 
-def build(name: str, num_classes: int = 1000, image_size: int = 224, **kwargs) -> keras.Model:
+def build(
+    name: str,
+    num_classes: int = 1000,
+    image_size: int = 224,
+    synchronized_batch_norm: bool = False,
+    **kwargs,
+) -> keras.Model:
     """Build the registered model ``name`` with random weights.
 
     Args:
         name: A name from ``names()``.
         num_classes: Number of logits.
         image_size: Height and width of the square input in pixels.
+        synchronized_batch_norm: Compute batch statistics over all replicas of the
+            distribution strategy instead of per replica, so N replicas train exactly as one
+            device on the global batch (at the cost of two all-reduces per layer).
         **kwargs: Passed to the model's builder (for example ``width`` or ``dropout``).
 
     Returns:
@@ -142,10 +151,25 @@ def build(name: str, num_classes: int = 1000, image_size: int = 224, **kwargs) -
         )
 
     backbone = spec.builder(num_classes=num_classes, image_size=image_size, **kwargs)
+    for layer in _all_layers(backbone):
+        if isinstance(layer, hlayers.ExactBatchNormalization):
+            layer.synchronized = synchronized_batch_norm
+
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    pixels = hlayers.ImagePreprocessing(spec.preprocessing, name=PREPROCESSING_LAYER_NAME)(inputs)
+    # float32 even under a mixed policy, so the caffe mean subtraction keeps its precision.
+    pixels = hlayers.ImagePreprocessing(
+        spec.preprocessing, name=PREPROCESSING_LAYER_NAME, dtype="float32"
+    )(inputs)
     logits = backbone(pixels)
     return keras.Model(inputs, logits, name=name)
+
+
+def _all_layers(model: keras.Model):
+    """Yield every layer of ``model``, descending into nested models."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
 
 
 def _conv_bn_relu(x, filters: int, strides: int, name: str):

@@ -1,0 +1,166 @@
+"""Tests of strategy selection and of one harmonized step on one versus two replicas.
+
+The two-replica comparison runs in a subprocess, because the CPU must be split into logical
+devices before TensorFlow initializes, which other tests in this process have already done.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from harmonizer import distribute
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LEARNING_RATE = 0.5
+GLOBAL_BATCH = 8
+IMAGE_SIZE = 32
+NUM_CLASSES = 4
+LOGGED = ("loss", "cross_entropy", "harmonization", "weight_decay", "accuracy", "mapped_fraction")
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    features = {
+        "image": rng.uniform(0, 255, (GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32"),
+        "map": rng.uniform(0, 1, (GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE)).astype("float32"),
+        # Uneven maps per replica (3 on the first half, 1 on the second) test the scaling.
+        "has_map": np.array([1, 1, 1, 0, 0, 1, 0, 0], "float32"),
+    }
+    labels = rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype("int32")
+    return features, labels
+
+
+def _one_step(strategy, initial_weights):
+    """Run one real ``fit`` step; return the logs and the gradients from the SGD update."""
+    import keras
+
+    from harmonizer import model as hmodel
+    from harmonizer import zoo
+
+    features, labels = _batch()
+    with strategy.scope():
+        backbone = zoo.build(
+            "small_cnn",
+            num_classes=NUM_CLASSES,
+            image_size=IMAGE_SIZE,
+            synchronized_batch_norm=True,
+        )
+        harmonizer = hmodel.Harmonizer(
+            backbone, harmonization_weight=2.0, weight_decay=1e-3, label_smoothing=0.1
+        )
+        harmonizer.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), jit_compile=False)
+        # NOTE: Harmonizer caches its decayed weights on first use; that first use must not
+        # happen inside a replica context, where Keras rejects the new attribute.
+        harmonizer._decayed_weights()
+    if initial_weights is not None:
+        backbone.set_weights(initial_weights)
+    start = backbone.get_weights()
+    before = [v.numpy() for v in backbone.trainable_variables]
+
+    dataset = tf.data.Dataset.from_tensors((features, labels))
+    history = harmonizer.fit(dataset, epochs=1, verbose=0)
+    after = [v.numpy() for v in backbone.trainable_variables]
+    gradients = [((b - a) / LEARNING_RATE).tolist() for b, a in zip(before, after, strict=True)]
+    logs = {name: float(history.history[name][-1]) for name in LOGGED}
+    return logs, gradients, start
+
+
+def worker() -> None:
+    """Subprocess entry point: print the logs and gradients of both strategies as JSON."""
+    distribute.split_cpu(2)
+    import keras
+
+    keras.utils.set_random_seed(0)
+    single_logs, single_gradients, weights = _one_step(tf.distribute.get_strategy(), None)
+    mirrored = distribute.select_strategy("mirrored")
+    mirrored_logs, mirrored_gradients, _ = _one_step(mirrored, weights)
+    print(
+        json.dumps(
+            {
+                "replicas": mirrored.num_replicas_in_sync,
+                "single": [single_logs, single_gradients],
+                "mirrored": [mirrored_logs, mirrored_gradients],
+            }
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def two_replica_result():
+    completed = subprocess.run(
+        [sys.executable, "-c", "from tests import test_distribute as t; t.worker()"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_mirrored_runs_two_replicas(two_replica_result):
+    assert two_replica_result["replicas"] == 2
+
+
+@pytest.mark.parametrize("name", LOGGED)
+def test_mirrored_logs_match_single(two_replica_result, name):
+    single_logs, _ = two_replica_result["single"]
+    mirrored_logs, _ = two_replica_result["mirrored"]
+    np.testing.assert_allclose(mirrored_logs[name], single_logs[name], rtol=1e-5, atol=1e-7)
+
+
+def test_mirrored_gradients_match_single(two_replica_result):
+    _, single_gradients = two_replica_result["single"]
+    _, mirrored_gradients = two_replica_result["mirrored"]
+    assert len(single_gradients) == len(mirrored_gradients)
+    for single, mirrored in zip(single_gradients, mirrored_gradients, strict=True):
+        single = np.asarray(single)
+        scale = np.abs(single).max()
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(mirrored), single, rtol=0, atol=1e-4 * scale)
+
+
+def test_select_strategy_defaults_to_default():
+    strategy = distribute.select_strategy("auto", environ={})
+    assert strategy is tf.distribute.get_strategy()
+
+
+@pytest.mark.parametrize("bad", ["gpu", "", "Mirrored"])
+def test_select_strategy_rejects_unknown_name(bad):
+    with pytest.raises(ValueError, match="Unknown strategy"):
+        distribute.select_strategy(bad, environ={})
+
+
+def test_select_strategy_tpu_needs_name():
+    with pytest.raises(ValueError, match="--tpu=local"):
+        distribute.select_strategy("tpu", environ={})
+
+
+def test_select_strategy_rejects_bad_tf_config():
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        distribute.select_strategy("auto", environ={"TF_CONFIG": "{not json"})
+
+
+@pytest.mark.parametrize(("batch", "replicas", "expected"), [(512, 8, 64), (8, 2, 4), (3, 1, 3)])
+def test_per_replica_batch_size(batch, replicas, expected):
+    strategy = type("FakeStrategy", (), {"num_replicas_in_sync": replicas})()
+    assert distribute.per_replica_batch_size(batch, strategy) == expected
+
+
+@pytest.mark.parametrize(("batch", "replicas"), [(6, 4), (0, 1)])
+def test_per_replica_batch_size_rejects_uneven(batch, replicas):
+    strategy = type("FakeStrategy", (), {"num_replicas_in_sync": replicas})()
+    with pytest.raises(ValueError, match="multiple of"):
+        distribute.per_replica_batch_size(batch, strategy)
+
+
+def test_set_precision_rejects_float16():
+    with pytest.raises(ValueError, match="float16"):
+        distribute.set_precision("float16")
