@@ -1,0 +1,116 @@
+"""Image checks and conversion for the builder, by content and with Pillow only (no TensorFlow).
+
+ImageNet's files include CMYK JPEGs, PNG data under a `.JPEG` name, grayscale JPEGs and a few
+damaged files. `inspect_image` sniffs the bytes and fully decodes them, so a truncated file is
+caught before it is written; `to_rgb_jpeg` turns every readable image into an RGB JPEG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+JPEG_QUALITY = 95
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded; its message is the reason reported for the skip."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """What decoding an image file found.
+
+    Attributes:
+        format: Pillow's name of the encoded format (`JPEG`, `PNG`, ...).
+        mode: Pillow's pixel mode (`RGB`, `L`, `CMYK`, ...).
+        width: width in pixels.
+        height: height in pixels.
+    """
+
+    format: str
+    mode: str
+    width: int
+    height: int
+
+    @property
+    def is_rgb_jpeg(self) -> bool:
+        """Whether the bytes can be stored unchanged as an RGB JPEG."""
+        return self.format == "JPEG" and self.mode == "RGB"
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode `data` fully and return the image.
+
+    Raises:
+        BadImageError: if the bytes are empty, not an image, truncated or corrupt.
+    """
+    if not data:
+        raise BadImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns about odd EXIF or palette data; the decode below decides validity.
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except UnidentifiedImageError as error:
+        raise BadImageError(f"not a readable image format ({len(data)} bytes)") from error
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadImageError(f"truncated or corrupt image data: {error}") from error
+    if image.width <= 0 or image.height <= 0:
+        raise BadImageError(f"image has no pixels ({image.width}x{image.height})")
+    return image
+
+
+def inspect_image(data: bytes) -> ImageInfo:
+    """Decode `data` and describe it.
+
+    Raises:
+        BadImageError: as `open_image`.
+    """
+    image = open_image(data)
+    return ImageInfo(
+        format=image.format or "unknown", mode=image.mode, width=image.width, height=image.height
+    )
+
+
+def stored_size(width: int, height: int, max_shorter_side: int) -> tuple[int, int]:
+    """Return the (width, height) an image is stored at: shrunk so its shorter side is at most
+    `max_shorter_side`, aspect ratio kept; `max_shorter_side=0` keeps the size."""
+    shorter = min(width, height)
+    if max_shorter_side <= 0 or shorter <= max_shorter_side:
+        return width, height
+    scale = max_shorter_side / shorter
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_rgb_jpeg(data: bytes, max_shorter_side: int = 0) -> tuple[bytes, str]:
+    """Return `data` as RGB JPEG bytes and a note on what was changed.
+
+    An RGB JPEG that needs no resize comes back unchanged (note `""`), so ordinary ImageNet
+    files lose nothing. Anything else is decoded, converted to RGB (CMYK, grayscale, palette,
+    alpha dropped), resized if needed and encoded at quality `JPEG_QUALITY`.
+
+    Raises:
+        BadImageError: as `open_image`.
+    """
+    image = open_image(data)
+    size = stored_size(image.width, image.height, max_shorter_side)
+    if image.format == "JPEG" and image.mode == "RGB" and size == image.size:
+        return data, ""
+
+    notes = []
+    if image.format != "JPEG":
+        notes.append(f"{image.format} data re-encoded as JPEG")
+    if image.mode != "RGB":
+        notes.append(f"{image.mode} converted to RGB")
+        image = image.convert("RGB")
+    if size != image.size:
+        notes.append(f"resized from {image.width}x{image.height} to {size[0]}x{size[1]}")
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue(), "; ".join(notes)
