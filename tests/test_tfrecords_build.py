@@ -13,6 +13,7 @@ from PIL import Image
 
 from harmonizer import records
 from tfrecords import build, labels, make_tiny, verify
+from tfrecords.testing import jpeg_bytes, vendored_photos, write
 
 
 def _read_examples(records_dir: Path, split: str) -> list[dict[str, object]]:
@@ -116,3 +117,125 @@ def test_tiny_build_rerun_writes_nothing(tiny_tree: Path, tiny_records: Path) ->
     after = {p.name: p.stat().st_mtime_ns for p in tiny_records.glob("*-of-*")}
     assert after == before
     assert manifest == json.loads((tiny_records / "manifest.json").read_text())
+
+
+def _small_jpeg(photo: Path, size: tuple[int, int] = (64, 48)) -> bytes:
+    image = Image.open(photo).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    return jpeg_bytes(image)
+
+
+@pytest.fixture(scope="module")
+def three_class_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A train tree of 3 classes x 10 distinct real photos, in class order on disk."""
+    root = tmp_path_factory.mktemp("three") / "tree"
+    photos = vendored_photos()
+    for class_index, synset in enumerate(labels.synsets()[:3]):
+        for index in range(10):
+            photo = photos[class_index * 10 + index]
+            write(root / "train" / synset / f"{synset}_{index}.JPEG", _small_jpeg(photo))
+    return root
+
+
+def _three_class_config(tree: Path, output: Path, **overrides) -> build.BuildConfig:
+    arguments = {
+        "input_dir": str(tree),
+        "output_dir": str(output),
+        "splits": ("train",),
+        "num_shards": {"train": 3},
+        "show_progress": False,
+    }
+    arguments.update(overrides)
+    return build.BuildConfig(**arguments)
+
+
+def test_build_first_shard_mixes_classes(three_class_tree: Path, tmp_path: Path) -> None:
+    build.build(_three_class_config(three_class_tree, tmp_path))
+    first = tf.data.TFRecordDataset(str(tmp_path / "train-00000-of-00003"))
+    shard_labels = [int(records.parse(s)[records.LABEL_KEY]) for s in first]
+    assert len(shard_labels) == 10
+    assert len(set(shard_labels)) > 1
+
+
+def test_build_seed_changes_shuffle(three_class_tree: Path, tmp_path: Path) -> None:
+    first = build.build(_three_class_config(three_class_tree, tmp_path / "a", seed=0))
+    second = build.build(_three_class_config(three_class_tree, tmp_path / "b", seed=1))
+    assert first["plan_sha256"] != second["plan_sha256"]
+    assert first["splits"]["train"]["examples_per_class"] == {"0": 10, "1": 10, "2": 10}
+    assert second["splits"]["train"]["examples_per_class"] == {"0": 10, "1": 10, "2": 10}
+
+
+def test_build_two_workers_same_output(three_class_tree: Path, tmp_path: Path) -> None:
+    one = build.build(_three_class_config(three_class_tree, tmp_path / "one", num_workers=1))
+    two = build.build(_three_class_config(three_class_tree, tmp_path / "two", num_workers=2))
+    assert one == two
+    for name in ("train-00000-of-00003", "train-00002-of-00003"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_build_rejects_other_arguments_in_output_dir(
+    three_class_tree: Path, tmp_path: Path
+) -> None:
+    build.build(_three_class_config(three_class_tree, tmp_path, seed=0))
+    with pytest.raises(ValueError, match="--overwrite"):
+        build.build(_three_class_config(three_class_tree, tmp_path, seed=5))
+    manifest = build.build(_three_class_config(three_class_tree, tmp_path, seed=5, overwrite=True))
+    assert manifest["arguments"]["seed"] == 5
+    assert verify.verify(str(tmp_path)).errors == []
+
+
+def test_build_flat_validation_labels(tmp_path: Path) -> None:
+    photos = vendored_photos()
+    for number in (1, 2, 50000):
+        name = f"ILSVRC2012_val_{number:08d}.JPEG"
+        write(tmp_path / "tree" / "val" / name, _small_jpeg(photos[number % len(photos)]))
+    write(tmp_path / "tree" / "val" / "README.txt", b"not an image")
+    manifest = build.build(
+        build.BuildConfig(
+            input_dir=str(tmp_path / "tree"),
+            output_dir=str(tmp_path / "records"),
+            splits=("val",),
+            num_shards={"val": 1},
+            show_progress=False,
+        )
+    )
+    examples = _read_examples(tmp_path / "records", "val")
+    by_name = {e[records.FILENAME_KEY].decode(): int(e[records.LABEL_KEY]) for e in examples}
+    expected = {
+        f"ILSVRC2012_val_{n:08d}.JPEG": labels.synset_to_label()[labels.validation_synsets()[n - 1]]
+        for n in (1, 2, 50000)
+    }
+    assert by_name == expected
+    assert by_name["ILSVRC2012_val_00000001.JPEG"] == 65
+    assert [row["file"] for row in manifest["skipped"]] == ["val/README.txt"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_shards": {"train": 0}}, "num_shards needs a count >= 1 for split 'train'"),
+        ({"num_shards": {"val": 2}}, "num_shards needs a count >= 1 for split 'train'"),
+        ({"map_source": "clickme"}, "map_source must be one of"),
+        ({"splits": ("train", "train")}, "splits must be distinct"),
+        ({"unmatched_clickme": "drop"}, "unmatched_clickme must be one of"),
+        ({"clickme_files": {"test": "x*"}}, "clickme_files names splits"),
+        ({"num_workers": 0}, "num_workers must be >= 1"),
+        ({"max_shorter_side": -1}, "max_shorter_side and map_blur_sigma must be >= 0"),
+    ],
+)
+def test_build_config_rejects(overrides: dict[str, object], message: str, tmp_path: Path) -> None:
+    config = _three_class_config(tmp_path, tmp_path / "out", **overrides)
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("8", {"train": 8, "val": 8}), ("train=1024,val=128", {"train": 1024, "val": 128})],
+)
+def test_parse_num_shards(text: str, expected: dict[str, int]) -> None:
+    assert build.parse_num_shards(text, ["train", "val"]) == expected
+
+
+def test_parse_num_shards_rejects_text() -> None:
+    with pytest.raises(ValueError, match="--num_shards must be a count"):
+        build.parse_num_shards("train=many", ["train"])

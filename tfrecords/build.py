@@ -161,6 +161,7 @@ class Plan:
     shards: dict[str, list[list[work.ExampleTask]]]
     files_found: dict[str, int]
     skipped: list[sources_lib.Skip]
+    converted: list[sources_lib.Skip]
     unused_maps: list[sources_lib.MapIssue]
     clickme_report: dict[str, Any] | None
     digest: str
@@ -367,11 +368,18 @@ def make_plan(config: BuildConfig, runner: _Runner) -> Plan:
     for split in config.splits:
         tasks = [_task(candidate) for candidate in candidates[split]] + standalone[split]
         shards[split] = _shuffle_into_shards(tasks, config.num_shards[split], config.seed, split)
-    sha256 = {c.source.path: c.inspection.sha256 for split in candidates for c in candidates[split]}
+    kept = [c for split in config.splits for c in candidates[split]]
+    sha256 = {c.source.path: c.inspection.sha256 for c in kept}
+    converted = [
+        sources_lib.Skip(c.source.split, c.source.relative, f"converted to RGB JPEG from {note}")
+        for c in kept
+        if (note := c.inspection.note)
+    ]
     return Plan(
         shards=shards,
         files_found=files_found,
         skipped=sorted(skipped),
+        converted=sorted(converted),
         unused_maps=sorted(unused_maps),
         clickme_report=clickme_report,
         digest=_plan_digest(shards, sha256),
@@ -403,12 +411,14 @@ def new_manifest(config: BuildConfig, plan: Plan) -> dict[str, Any]:
         "totals": {
             "files_found": sum(plan.files_found.values()),
             "files_skipped": len(plan.skipped),
+            "files_converted": len(plan.converted),
             "examples": num_written,
             "clickme_standalone_examples": num_standalone,
             "unused_maps": len(plan.unused_maps),
         },
         "splits": {split: _split_summary(plan.shards[split]) for split in config.splits},
         "skipped": [dataclasses.asdict(skip) for skip in plan.skipped],
+        "converted": [dataclasses.asdict(row) for row in plan.converted],
         "unused_maps": [dataclasses.asdict(issue) for issue in plan.unused_maps],
         "clickme": plan.clickme_report,
     }
@@ -479,14 +489,18 @@ def write_shard(
     num_with_map = 0
     with tf.io.TFRecordWriter(temporary) as writer:
         for example in examples:
-            serialized = records.serialize(
-                records.Record(
-                    image_jpeg=example.image_jpeg,
-                    label=example.label,
-                    filename=example.filename,
-                    map_png=example.map_png,
-                    map_source=example.map_source,
-                )
+            record = records.Record(
+                image_jpeg=example.image_jpeg,
+                label=example.label,
+                filename=example.filename,
+                map_png=example.map_png,
+                map_source=example.map_source,
+            )
+            # The order of the feature map in serialized bytes varies between processes (it
+            # follows string hashing), so re-serialize deterministically: a resumed build must
+            # reproduce the checksums of an uninterrupted one.
+            serialized = tf.train.Example.FromString(records.serialize(record)).SerializeToString(
+                deterministic=True
             )
             writer.write(serialized)
             checksum.update(serialized)

@@ -53,7 +53,8 @@ class SourceImage:
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Skip:
-    """A file that is not written, and why."""
+    """A file and why it is not written (or, in the manifest's `converted` list, what it was
+    converted from)."""
 
     split: str
     file: str

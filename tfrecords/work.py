@@ -187,3 +187,45 @@ def prepare_shard(
                 "build? Rerun to resume."
             ) from error
     return key, prepared
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickMeInspection:
+    """What decoding one ClickMe example found.
+
+    Attributes:
+        error: why the example cannot be used, or "".
+        fingerprint: `fingerprint.thumbnail` bytes of its image.
+        width: image width in pixels.
+        height: image height in pixels.
+    """
+
+    error: str = ""
+    fingerprint: bytes = b""
+    width: int = 0
+    height: int = 0
+
+
+def inspect_clickme(pair: tuple[bytes, bytes]) -> ClickMeInspection:
+    """Fingerprint a ClickMe (image JPEG, heatmap JPEG) pair and check the heatmap."""
+    image_jpeg, heatmap_jpeg = pair
+    try:
+        image = images.open_image(image_jpeg)
+    except images.BadImageError as error:
+        return ClickMeInspection(error=f"image: {error}")
+    try:
+        heatmap = maps.decode_map_jpeg(heatmap_jpeg)
+        maps.check_map(heatmap, heatmap.shape[1], heatmap.shape[0])
+    except maps.BadMapError as error:
+        return ClickMeInspection(error=f"heatmap: {error}")
+    return ClickMeInspection(
+        fingerprint=fingerprint.thumbnail(image), width=image.width, height=image.height
+    )
+
+
+def inspect_clickme_batch(
+    job: tuple[int, list[tuple[bytes, bytes]]],
+) -> tuple[int, list[ClickMeInspection]]:
+    """Run `inspect_clickme` on each pair of `job` = (index of the first pair, pairs)."""
+    start, pairs = job
+    return start, [inspect_clickme(pair) for pair in pairs]
