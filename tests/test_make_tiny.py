@@ -35,24 +35,33 @@ def composites(tree: Path) -> list[dict[str, str]]:
 
 
 def test_make_tiny_counts(tree: Path, composites: list[dict[str, str]]) -> None:
-    per_split = {split: sum(r["split"] == split for r in composites) for split in ("train", "val")}
+    per_split = {split: sum(r["split"] == split for r in composites) for split in make_tiny.SPLITS}
     cutouts = {
         split: {r["cutout"] for r in composites if r["split"] == split} for split in per_split
     }
-    assert len(cutouts["train"]) + len(cutouts["val"]) == 41
-    assert len(cutouts["val"]) == 10
-    assert per_split == {"train": 4 * 31, "val": 2 * 10}
+    assert len(cutouts["train"]) + len(cutouts["val_new_objects"]) == 41
+    assert len(cutouts["val_new_objects"]) == 10
+    assert per_split == {"train": 4 * 31, "val": 31, "val_new_objects": 2 * 10}
     photos = {
         split: sum(1 for p in (tree / split).rglob("*.JPEG") if "__on__" not in p.name)
         for split in per_split
     }
-    assert photos == {"train": 79, "val": 20}
+    assert photos == {"train": 79, "val": 20, "val_new_objects": 0}
 
 
 def test_make_tiny_splits_by_cutout(composites: list[dict[str, str]]) -> None:
     train = {r["cutout"] for r in composites if r["split"] == "train"}
     val = {r["cutout"] for r in composites if r["split"] == "val"}
-    assert not train & val
+    new_objects = {r["cutout"] for r in composites if r["split"] == "val_new_objects"}
+    assert val == train
+    assert not train & new_objects
+
+
+def test_make_tiny_validation_backgrounds_unseen(composites: list[dict[str, str]]) -> None:
+    train = {r["background"] for r in composites if r["split"] == "train"}
+    held_out = {r["background"] for r in composites if r["split"] != "train"}
+    assert held_out
+    assert not train & held_out
 
 
 def test_make_tiny_backgrounds_differ_per_cutout(composites: list[dict[str, str]]) -> None:
@@ -65,7 +74,8 @@ def test_make_tiny_backgrounds_from_same_split(
 ) -> None:
     for row in composites:
         background_name = Path(row["background"]).name
-        assert list((tree / row["split"]).rglob(background_name)), row
+        background_split = make_tiny.BACKGROUND_SPLIT[row["split"]]
+        assert list((tree / background_split).rglob(background_name)), row
 
 
 def test_make_tiny_map_is_pasted_mask(tree: Path, composites: list[dict[str, str]]) -> None:

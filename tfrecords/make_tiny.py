@@ -9,16 +9,19 @@ human feature-importance data.
 
 Output layout under `--output_dir`:
 
-* `train/<synset>/*.JPEG`, `val/<synset>/*.JPEG`: composites (label: the cut-out's class) and
+* `<split>/<synset>/*.JPEG` for each split: composites (label: the cut-out's class) and
   the ordinary photos (unchanged bytes, no map).
 * `maps/<split>/<synset>/<stem>.png`: the 8-bit silhouette map of each composite, same size and
   same file stem as its image.
 * `composites.csv`: how each composite was made; `manifest.csv`: licences and authors of the
   source photos; `README.md`: the dataset card.
 
-Splits are drawn by cut-out, so the objects of the validation composites never appear in
-training, and backgrounds come from ordinary photos of the same split. The output is a
-function of `--seed` only: a rerun writes the same bytes.
+Three splits measure two kinds of generalization. A quarter of the cut-outs is held out of
+training. `train` pastes the other cut-outs onto training photos; `val` pastes the same
+cut-outs onto validation photos (known objects in unseen scenes, positions and scales);
+`val_new_objects` pastes the held-out cut-outs onto validation photos (objects never seen in
+training). Ordinary photos without a map go to `train` and `val`. The output is a function of
+`--seed` only: a rerun writes the same bytes.
 
 Usage:
     python -m tfrecords.make_tiny --output_dir=runs/tiny/tree [--seed=0]
@@ -41,11 +44,14 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny_imagenet_real"
 
 VAL_FRACTION_CUTOUTS = 0.25
 VAL_FRACTION_PHOTOS = 0.20
-COMPOSITES_PER_CUTOUT = {"train": 4, "val": 2}
+COMPOSITES_PER_CUTOUT = {"train": 4, "val": 1, "val_new_objects": 2}
 # Longer side of the pasted object as a fraction of the background's shorter side.
 OBJECT_SCALE_RANGE = (0.35, 0.75)
 JPEG_QUALITY = 95
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "val_new_objects")
+# The split whose ordinary photos serve as backgrounds, and those that get ordinary photos too.
+BACKGROUND_SPLIT = {"train": "train", "val": "val", "val_new_objects": "val"}
+PHOTO_SPLITS = ("train", "val")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,14 +241,22 @@ def make_tiny(
     output_dir.mkdir(parents=True, exist_ok=True)
 
     rng = np.random.default_rng(seed)
-    cutout_split = split_by_fraction(cutouts, VAL_FRACTION_CUTOUTS, rng)
+    object_split = split_by_fraction(cutouts, VAL_FRACTION_CUTOUTS, rng)
     photo_split = split_by_fraction(plain, VAL_FRACTION_PHOTOS, rng)
+    cutout_split = {
+        "train": object_split["train"],
+        "val": object_split["train"],
+        "val_new_objects": object_split["val"],
+    }
 
     composite_rows = []
     for split in SPLITS:
+        backgrounds = photo_split[BACKGROUND_SPLIT[split]]
         composite_rows += _composite_rows(
-            cutout_split[split], photo_split[split], split, source_dir, output_dir, rng
+            cutout_split[split], backgrounds, split, source_dir, output_dir, rng
         )
+        if split not in PHOTO_SPLITS:
+            continue
         for row in photo_split[split]:
             target = output_dir / split / row.synset / Path(row.file).name
             _write_bytes(target, (source_dir / row.file).read_bytes())
@@ -255,7 +269,7 @@ def make_tiny(
 
     summary = TinySummary(
         composites={s: sum(r["split"] == s for r in composite_rows) for s in SPLITS},
-        photos={s: len(photo_split[s]) for s in SPLITS},
+        photos={s: len(photo_split[s]) if s in PHOTO_SPLITS else 0 for s in SPLITS},
     )
     (output_dir / "README.md").write_text(_dataset_card(summary, cutout_split, seed))
     return summary
@@ -281,9 +295,10 @@ def _dataset_card(
     lines += [
         "",
         "Each composite is a photo cut-out pasted, with its silhouette mask as alpha, at a random",
-        "position and scale onto an ordinary photo of the same split; its label is the cut-out's",
-        "class and its map (`maps/<split>/<synset>/<stem>.png`) is the pasted mask. Cut-outs are",
-        "split between train and val, so validation objects are unseen in training.",
+        "position and scale onto an ordinary photo; its label is the cut-out's class and its map",
+        "(`maps/<split>/<synset>/<stem>.png`) is the pasted mask. `train` and `val` share their",
+        "cut-outs but not their background photos, so `val` shows known objects in unseen scenes;",
+        "`val_new_objects` holds the cut-outs left out of training, on validation backgrounds.",
         "`composites.csv` lists the cut-out, background and placement of every composite.",
         "",
         "The maps are object silhouettes, not human feature-importance data. They are a stand-in",
