@@ -1,156 +1,176 @@
-"""Score a trained model's accuracy and alignment with the maps of a set of TFRecords.
+"""Score a model's alignment with human feature-importance maps and human decisions.
 
-Example:
+Examples:
 
+    # A model exported by experiments.train, on the project's records.
     python -m experiments.evaluate --model_path=runs/tiny/harmonized/export \
         --data_pattern='runs/tiny/records/val-*' --output=runs/tiny/harmonized/eval.json
 
-Alignment is the per-image Spearman correlation between the model's saliency and the map,
-divided by the human inter-rater ceiling of ClickMe, averaged over every example that has a
-map. It is reported for both saliency definitions (``signed_mean`` as trained, ``abs_max`` as
-explainability libraries compute it), beside trivial maps that need no model: darkness
-(255 minus the gray level), a centered Gaussian, and the leave-one-out mean map of the set.
+    # A released Keras 2 file on ClickMe validation shards, with figures.
+    python -m experiments.evaluate --model_path=resnet50v2_harmonized.h5 \
+        --clickme_pattern='clickme/val-*.tfrecords' --figures_dir=figures/
+
+    # A foreign SavedModel needs its preprocessing; a PyTorch model an explainer function.
+    python -m experiments.evaluate --model_path=exported/ --preprocessing=torch ...
+    python -m experiments.evaluate --explainer=my_module:explain --predict=my_module:logits ...
+
+Alignment is the per-image Spearman correlation between the model's saliency and the human map,
+divided by the human inter-rater ceiling (0.65753 for ClickMe), averaged over every example
+with a non-constant map. Both saliency definitions are scored by default (`signed_mean` as
+trained, `abs_max` as explainability libraries compute it), beside model-free baselines: the
+leave-one-out mean map (center bias), a centered Gaussian and darkness. The psychophysics test
+(`--psychophysics_images_dir`) needs a human curve CSV for the distance to humans; none ships
+with the project. See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
-import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from harmonizer import data, export, metrics, saliency
+from harmonizer import metrics
+from harmonizer import saliency as hsaliency
+from harmonizer.evaluation import figures, models, psychophysics, scoring
+from harmonizer.evaluation.run import DEFAULT_BATCH_SIZE, EvaluationConfig, run_evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
-    "model_path", None, "Export directory, .keras file or SavedModel directory.", required=True
+    "model_path",
+    None,
+    "Model to score: .keras file, export directory, SavedModel directory, Keras 2 .h5 file or "
+    "zoo name.",
 )
-flags.DEFINE_string("data_pattern", None, "Glob of the TFRecord shards to score.", required=True)
-flags.DEFINE_integer("batch_size", 32, "Evaluation batch size (the last partial batch is scored).")
+flags.DEFINE_string(
+    "explainer",
+    None,
+    "module:function (images, labels) -> maps, for models of "
+    "other frameworks; replaces --model_path.",
+)
+flags.DEFINE_string("predict", None, "module:function images -> logits, used with --explainer.")
+flags.DEFINE_enum(
+    "preprocessing",
+    None,
+    list(models.PREPROCESSING_CHOICES),
+    "Input preprocessing of a model that does not record it: "
+    + "; ".join(models.PREPROCESSING_CHOICES.values()),
+)
+flags.DEFINE_string(
+    "architecture",
+    None,
+    "Architecture of a .h5 file that is not a released "
+    f"one: {sorted(models.APPLICATIONS)} or zoo:<name>.",
+)
+flags.DEFINE_string("weights_path", None, "Weights file for a zoo model.")
+flags.DEFINE_string("data_pattern", None, "Glob of the project's TFRecord shards to score.")
+flags.DEFINE_string("clickme_pattern", None, "Glob of ClickMe shards in their released schema.")
+flags.DEFINE_string("images_dir", None, "Folder of images paired with --maps_dir.")
+flags.DEFINE_string("maps_dir", None, "Folder of PNG maps named like the images.")
+flags.DEFINE_string("labels_csv", None, "CSV with file and label (or class_index) columns.")
+flags.DEFINE_bool("clickme_blur", True, "Blur ClickMe maps as the ClickMe evaluation does.")
+flags.DEFINE_integer(
+    "batch_size", DEFAULT_BATCH_SIZE, "Evaluation batch size (the last partial batch is scored)."
+)
 flags.DEFINE_integer("image_size", 0, "Input side in pixels; 0 reads it from the model.")
+flags.DEFINE_list(
+    "saliency",
+    list(hsaliency.DEFINITIONS),
+    f"Saliency definitions to score, of {hsaliency.DEFINITIONS}.",
+)
+flags.DEFINE_enum(
+    "target",
+    scoring.TARGET_LABEL,
+    list(scoring.TARGETS),
+    "Explain the label's logit (the predicted one when the label is unknown) or "
+    "always the predicted one.",
+)
+flags.DEFINE_float(
+    "top_fraction", metrics.DEFAULT_TOP_FRACTION, "Share of pixels compared by Dice and IoU."
+)
+flags.DEFINE_float(
+    "ceiling",
+    metrics.HUMAN_CEILING_CLICKME,
+    "Human inter-rater ceiling dividing Spearman's rho (see tools/ceiling.py).",
+)
+flags.DEFINE_bool("baselines", True, "Also score the model-free baseline maps.")
+flags.DEFINE_integer(
+    "bootstrap_resamples",
+    scoring.DEFAULT_BOOTSTRAP_RESAMPLES,
+    "Resamples of every bootstrap standard deviation.",
+)
+flags.DEFINE_integer("seed", 0, "Seed of the bootstrap and of the psychophysics noise.")
+flags.DEFINE_string("psychophysics_images_dir", None, "Images of the animal/non-animal test.")
+flags.DEFINE_string("psychophysics_maps_dir", None, "Importance maps of those images.")
+flags.DEFINE_string("psychophysics_labels_csv", None, "Labels of the psychophysics images.")
+flags.DEFINE_string("human_curve", None, "CSV of the human decision curve: level,accuracy.")
+flags.DEFINE_integer(
+    "psychophysics_levels",
+    psychophysics.NUM_LEVELS,
+    "Number of log-spaced levels from 1% to 100% of revealed pixels.",
+)
+flags.DEFINE_string("figures_dir", None, "Folder for PNG figures (needs matplotlib).")
+flags.DEFINE_string(
+    "tradeoff_csv",
+    None,
+    "CSV of name,accuracy,alignment,alignment_std,"
+    "baseline rows; draws the accuracy-alignment figure and exits.",
+)
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_string("output", None, "Path of the JSON report; default: print only.")
 
-# Standard deviation of the centered-Gaussian baseline, as a fraction of the image side.
-CENTER_GAUSSIAN_SIGMA = 0.25
-BASELINE_MAPS = ("darkness", "center_gaussian", "mean_map")
 
-
-def load_model(path: str):
-    """Load an export directory or `.keras` file with Keras, or a SavedModel via TFSMLayer."""
-    if path.endswith(".keras") or tf.io.gfile.exists(os.path.join(path, export.KERAS_FILE)):
-        return export.load_keras(path)
-    return export.load_saved_model(path)
-
-
-def center_gaussian(size: int) -> np.ndarray:
-    """Return a [size, size] Gaussian bump centered in the image."""
-    coordinates = (np.arange(size) - (size - 1) / 2.0) / size
-    yy, xx = np.meshgrid(coordinates, coordinates, indexing="ij")
-    return np.exp(-(yy**2 + xx**2) / (2 * CENTER_GAUSSIAN_SIGMA**2)).astype(np.float32)
-
-
-def _map_sum(dataset: tf.data.Dataset) -> tuple[np.ndarray, int]:
-    total, count = None, 0
-    for features, _ in dataset:
-        weighted = features["map"] * features["has_map"][:, None, None]
-        batch_sum = tf.reduce_sum(weighted, axis=0).numpy()
-        total = batch_sum if total is None else total + batch_sum
-        count += int(tf.reduce_sum(features["has_map"]))
-    return total, count
-
-
-class _Accumulator:
-    """Sum of Spearman correlations over the examples that have a map and a non-constant map."""
-
-    def __init__(self):
-        self.values: list[np.ndarray] = []
-        self.constant = 0
-
-    def add(self, rho: tf.Tensor, valid: tf.Tensor, has_map: tf.Tensor) -> None:
-        mapped = has_map.numpy() > 0
-        valid = valid.numpy()
-        self.values.append(rho.numpy()[mapped & valid])
-        self.constant += int(np.sum(mapped & ~valid))
-
-    def summary(self) -> dict:
-        values = np.concatenate(self.values) if self.values else np.zeros([0])
-        mean = float(values.mean()) if values.size else float("nan")
-        return {
-            "spearman": mean,
-            "alignment": mean / metrics.HUMAN_CEILING_CLICKME,
-            "examples_scored": int(values.size),
-            "constant_maps": self.constant,
-        }
-
-
-def score_model(model, data_pattern: str, image_size: int, batch_size: int = 32) -> dict:
-    """Return top-1, alignment under both saliency definitions, and the trivial baselines."""
-    pipeline = data.PipelineConfig(
-        file_pattern=data_pattern, batch_size=batch_size, image_size=image_size, training=False
+def _config_from_flags() -> EvaluationConfig:
+    return EvaluationConfig(
+        model_path=FLAGS.model_path or "",
+        explainer=FLAGS.explainer or "",
+        predict=FLAGS.predict or "",
+        preprocessing=FLAGS.preprocessing or "",
+        architecture=FLAGS.architecture or "",
+        weights_path=FLAGS.weights_path or "",
+        data_pattern=FLAGS.data_pattern or "",
+        clickme_pattern=FLAGS.clickme_pattern or "",
+        images_dir=FLAGS.images_dir or "",
+        maps_dir=FLAGS.maps_dir or "",
+        labels_csv=FLAGS.labels_csv or "",
+        clickme_blur=FLAGS.clickme_blur,
+        image_size=FLAGS.image_size,
+        batch_size=FLAGS.batch_size,
+        definitions=tuple(FLAGS.saliency),
+        target=FLAGS.target,
+        top_fraction=FLAGS.top_fraction,
+        ceiling=FLAGS.ceiling,
+        baselines=FLAGS.baselines,
+        bootstrap_resamples=FLAGS.bootstrap_resamples,
+        seed=FLAGS.seed,
+        psychophysics_images_dir=FLAGS.psychophysics_images_dir or "",
+        psychophysics_maps_dir=FLAGS.psychophysics_maps_dir or "",
+        psychophysics_labels_csv=FLAGS.psychophysics_labels_csv or "",
+        human_curve=FLAGS.human_curve or "",
+        psychophysics_levels=FLAGS.psychophysics_levels,
+        figures_dir=FLAGS.figures_dir or "",
+        progress=FLAGS.progress,
     )
-    dataset = data.build_dataset(pipeline)
-    map_total, map_count = _map_sum(dataset)
-    gaussian = tf.constant(center_gaussian(image_size))
-
-    @tf.function
-    def batch_saliency(images, labels):
-        gradients, logits = saliency.input_gradients(model, images, labels, training=False)
-        return (
-            saliency.reduce_saliency(gradients, saliency.SIGNED_MEAN),
-            saliency.reduce_saliency(gradients, saliency.ABS_MAX),
-            logits,
-        )
-
-    scores = {name: _Accumulator() for name in (saliency.SIGNED_MEAN, saliency.ABS_MAX)}
-    baselines = {name: _Accumulator() for name in BASELINE_MAPS}
-    correct, examples = 0, 0
-    for features, labels in dataset:
-        signed, absolute, logits = batch_saliency(features["image"], labels)
-        maps, has_map = features["map"], features["has_map"]
-        correct += int(tf.reduce_sum(tf.cast(tf.argmax(logits, -1, tf.int32) == labels, tf.int32)))
-        examples += int(labels.shape[0])
-        scores[saliency.SIGNED_MEAN].add(*metrics.spearman(signed, maps), has_map)
-        scores[saliency.ABS_MAX].add(*metrics.spearman(absolute, maps), has_map)
-
-        # Trivial maps: the mean map leaves the scored example out of the average.
-        darkness = 255.0 - tf.reduce_mean(features["image"], axis=-1)
-        center = tf.broadcast_to(gaussian, tf.shape(maps))
-        others = (map_total[None] - maps) / max(map_count - 1, 1)
-        baselines["darkness"].add(*metrics.spearman(darkness, maps), has_map)
-        baselines["center_gaussian"].add(*metrics.spearman(center, maps), has_map)
-        baselines["mean_map"].add(*metrics.spearman(others, maps), has_map)
-
-    signed_summary = scores[saliency.SIGNED_MEAN].summary()
-    abs_summary = scores[saliency.ABS_MAX].summary()
-    return {
-        "data": data_pattern,
-        "examples": examples,
-        "top1": correct / max(examples, 1),
-        "alignment": signed_summary["alignment"],
-        "alignment_abs": abs_summary["alignment"],
-        "examples_scored": signed_summary["examples_scored"],
-        "ceiling": metrics.HUMAN_CEILING_CLICKME,
-        "saliency": {
-            saliency.SIGNED_MEAN: signed_summary,
-            saliency.ABS_MAX: abs_summary,
-        },
-        "baselines": {name: acc.summary() for name, acc in baselines.items()},
-    }
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    model = load_model(FLAGS.model_path)
-    image_size = FLAGS.image_size or int(model.input_shape[1])
-    report = score_model(model, FLAGS.data_pattern, image_size, FLAGS.batch_size)
-    report["model"] = FLAGS.model_path
+    if FLAGS.tradeoff_csv:
+        if not FLAGS.figures_dir:
+            raise app.UsageError("--tradeoff_csv needs --figures_dir for the PNG")
+        tf.io.gfile.makedirs(FLAGS.figures_dir)
+        path = figures.plot_tradeoff_csv(FLAGS.tradeoff_csv, FLAGS.figures_dir)
+        logging.info("wrote %s", path)
+        return
+    try:
+        report = run_evaluation(_config_from_flags())
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     text = json.dumps(report, indent=2)
     if FLAGS.output:
         with tf.io.gfile.GFile(FLAGS.output, "w") as f:
-            f.write(text)
+            f.write(text + "\n")
         logging.info("wrote %s", FLAGS.output)
     print(text)
 

@@ -6,7 +6,9 @@ when called and raises an `ImportError` that says so when it is missing.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -155,7 +157,7 @@ def plot_map_panels(
     path: str,
     titles: Sequence[str] | None = None,
 ) -> None:
-    """Draw one row per example: the image, the human map and the model's saliency.
+    """Draw one row per example: the image, its importance map and the model's saliency.
 
     Args:
         images: [N, H, W, 3] RGB in [0, 255].
@@ -172,7 +174,7 @@ def plot_map_panels(
     for row in range(count):
         panels = (
             (np.clip(images[row], 0, 255).astype(np.uint8), None, "image"),
-            (human_maps[row], "viridis", "human map"),
+            (human_maps[row], "viridis", "importance map"),
             (saliency_maps[row], "inferno", "model saliency"),
         )
         for column, (panel, colormap, label) in enumerate(panels):
@@ -212,3 +214,36 @@ def plot_decision_curves(
     figure.tight_layout()
     figure.savefig(path, dpi=FIGURE_DPI)
     pyplot.close(figure)
+
+
+def read_tradeoff_csv(path: str) -> list[TradeoffPoint]:
+    """Read `name,accuracy,alignment[,alignment_std][,baseline]` rows.
+
+    Raises:
+        ValueError: for missing columns or an empty file.
+    """
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        missing = {"name", "accuracy", "alignment"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"trade-off CSV {path!r} lacks columns {sorted(missing)}")
+        points = [
+            TradeoffPoint(
+                name=row["name"],
+                accuracy=float(row["accuracy"]),
+                alignment=float(row["alignment"]),
+                alignment_std=float(row.get("alignment_std") or 0.0),
+                baseline=row.get("baseline") or None,
+            )
+            for row in reader
+        ]
+    if not points:
+        raise ValueError(f"trade-off CSV {path!r} has no rows")
+    return points
+
+
+def plot_tradeoff_csv(path: str, figures_dir: str) -> str:
+    """Draw `tradeoff.png` in `figures_dir` from a trade-off CSV and return its path."""
+    output = os.path.join(figures_dir, "tradeoff.png")
+    plot_tradeoff(read_tradeoff_csv(path), output)
+    return output

@@ -9,7 +9,7 @@ round trip to the host in between.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import keras
@@ -24,6 +24,9 @@ TARGET_LABEL = "label"
 TARGET_PREDICTED = "predicted"
 TARGETS = (TARGET_LABEL, TARGET_PREDICTED)
 DEFAULT_BOOTSTRAP_RESAMPLES = 1000
+# Standard deviation of the centered-Gaussian baseline map, as a fraction of the image side.
+CENTER_GAUSSIAN_SIGMA = 0.25
+BASELINES = ("mean_map", "center_gaussian", "darkness")
 
 
 @dataclasses.dataclass
@@ -60,30 +63,41 @@ def _target_classes(logits: tf.Tensor, labels: tf.Tensor, target: str) -> tf.Ten
 
 
 def _gradient_saliency(
-    model: LoadedModel, images: tf.Tensor, labels: tf.Tensor, definition: str, target: str
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Return the saliency maps and logits of one batch for a differentiable model."""
+    model: LoadedModel,
+    images: tf.Tensor,
+    labels: tf.Tensor,
+    definitions: tuple[str, ...],
+    target: str,
+) -> tuple[tuple[tf.Tensor, ...], tf.Tensor]:
+    """Return one saliency batch per definition (from one gradient) and the logits."""
     with tf.GradientTape() as tape:
         tape.watch(images)
         logits = tf.cast(model.forward(images, training=False), tf.float32)
         classes = _target_classes(tf.stop_gradient(logits), labels, target)
         chosen = tf.reduce_sum(logits * tf.one_hot(classes, tf.shape(logits)[-1]))
     gradients = tape.gradient(chosen, images)
-    return hsaliency.reduce_saliency(gradients, definition), logits
+    maps = tuple(hsaliency.reduce_saliency(gradients, d) for d in definitions)
+    return maps, logits
 
 
 class _Scorer:
     """Runs saliency and metrics for one model, pipelined when the model can be traced."""
 
-    def __init__(self, model: LoadedModel, definition: str, target: str, fraction: float):
+    def __init__(
+        self, model: LoadedModel, definitions: tuple[str, ...], target: str, fraction: float
+    ):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        if definition not in hsaliency.DEFINITIONS:
-            raise ValueError(
-                f"saliency definition must be one of {hsaliency.DEFINITIONS}, got {definition!r}"
-            )
+        for definition in definitions:
+            if definition not in hsaliency.DEFINITIONS:
+                raise ValueError(
+                    f"saliency definition must be one of {hsaliency.DEFINITIONS}, "
+                    f"got {definition!r}"
+                )
+        if not definitions:
+            raise ValueError(f"give at least one saliency definition of {hsaliency.DEFINITIONS}")
         self.model = model
-        self.definition = definition
+        self.definitions = definitions
         self.target = target
         self.fraction = fraction
         self.scores = tf.function(self._scores, reduce_retracing=True)
@@ -92,17 +106,21 @@ class _Scorer:
             self.pipelined = tf.function(self._pipelined, reduce_retracing=True)
 
     def _saliency(self, images, labels):
-        return _gradient_saliency(self.model, images, labels, self.definition, self.target)
+        return _gradient_saliency(self.model, images, labels, self.definitions, self.target)
 
-    def _scores(self, saliency, maps):
-        return metrics.map_scores(saliency, maps, self.fraction)
+    def _scores(self, saliencies, maps):
+        return tuple(metrics.map_scores(s, maps, self.fraction) for s in saliencies)
 
-    def _pipelined(self, images, labels, previous_saliency, previous_maps):
-        saliency, logits = self._saliency(images, labels)
-        return saliency, logits, self._scores(previous_saliency, previous_maps)
+    def _pipelined(self, images, labels, previous_saliencies, previous_maps):
+        saliencies, logits = self._saliency(images, labels)
+        return saliencies, logits, self._scores(previous_saliencies, previous_maps)
 
     def eager_saliency(self, images, labels):
-        """Return saliency and logits for a user explainer (no tracing)."""
+        """Return saliency per definition and logits for a user explainer (no tracing).
+
+        The explainer is called once per batch. When it returns [B, H, W, C] gradients they are
+        reduced per definition; [B, H, W] maps are used as they are for every definition.
+        """
         logits = None
         if self.model.forward is not None:
             logits = self.model.logits(images)
@@ -113,7 +131,12 @@ class _Scorer:
                     "the predicted class; give labels for every image or a predict function"
                 )
             labels = _target_classes(logits, labels, self.target)
-        return self.model.saliency(images, labels, self.definition), logits
+        raw = tf.convert_to_tensor(
+            self.model.explainer(np.asarray(images), np.asarray(labels)), tf.float32
+        )
+        if raw.shape.rank == 4:
+            return tuple(hsaliency.reduce_saliency(raw, d) for d in self.definitions), logits
+        return tuple(raw for _ in self.definitions), logits
 
 
 class _Accumulator:
@@ -180,6 +203,72 @@ def _host(batch: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
     return {key: value.numpy() for key, value in batch.items() if key != "image"}
 
 
+def evaluate_map_definitions(
+    model: LoadedModel,
+    dataset: Iterable[dict[str, tf.Tensor]],
+    definitions: Sequence[str] = hsaliency.DEFINITIONS,
+    target: str = TARGET_LABEL,
+    fraction: float = metrics.DEFAULT_TOP_FRACTION,
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, MapEvaluation]:
+    """Score a model's saliency against every human map, for several saliency definitions.
+
+    One input gradient per batch serves every definition.
+
+    Args:
+        model: the model to score.
+        dataset: batches from `harmonizer.evaluation.mapsets`.
+        definitions: saliency reductions of `harmonizer.saliency.DEFINITIONS`.
+        target: explain the `label` logit (the predicted one where the label is unknown) or
+            always the `predicted` one.
+        fraction: the share of pixels Dice and IoU compare.
+        total: the number of examples, for the progress bar (None when unknown).
+        progress: show a progress bar.
+
+    Returns:
+        Per definition, the per-example scores of the valid examples and the counts of the
+        others.
+    """
+    definitions = tuple(definitions)
+    scorer = _Scorer(model, definitions, target, fraction)
+    accumulators = [_Accumulator() for _ in definitions]
+    bar = keras.utils.Progbar(total, unit_name="image") if progress else None
+    pending: tuple[tuple[tf.Tensor, ...], dict[str, np.ndarray]] | None = None
+
+    def add(all_scores, host_batch):
+        for accumulator, scores in zip(accumulators, all_scores, strict=True):
+            accumulator.add_scores(scores, host_batch)
+
+    for batch in dataset:
+        images = tf.convert_to_tensor(batch["image"], tf.float32)
+        labels = tf.cast(batch["label"], tf.int32)
+        host_batch = _host(batch)
+        if not model.graph_friendly:
+            saliencies, logits = scorer.eager_saliency(images, labels)
+            add(scorer.scores(saliencies, batch["map"]), host_batch)
+        elif pending is None:
+            saliencies, logits = scorer.saliency(images, labels)
+        else:
+            # Metrics of the previous batch run alongside this batch's saliency.
+            previous_saliencies, previous_batch = pending
+            saliencies, logits, all_scores = scorer.pipelined(
+                images, labels, previous_saliencies, previous_batch["map"]
+            )
+            add(all_scores, previous_batch)
+        if model.graph_friendly:
+            pending = (saliencies, host_batch)
+        for accumulator in accumulators:
+            accumulator.add_logits(logits, host_batch["label"])
+        if bar is not None:
+            bar.add(len(host_batch["label"]))
+
+    if pending is not None:
+        saliencies, host_batch = pending
+        add(scorer.scores(saliencies, host_batch["map"]), host_batch)
+    return {d: a.result() for d, a in zip(definitions, accumulators, strict=True)}
+
+
 def evaluate_maps(
     model: LoadedModel,
     dataset: Iterable[dict[str, tf.Tensor]],
@@ -189,52 +278,61 @@ def evaluate_maps(
     total: int | None = None,
     progress: bool = True,
 ) -> MapEvaluation:
-    """Score a model's saliency against every human map of a map set.
+    """Score a model's saliency of one definition against every human map of a map set.
 
-    Args:
-        model: the model to score.
-        dataset: batches from `harmonizer.evaluation.mapsets`.
-        definition: the saliency reduction of `harmonizer.saliency.DEFINITIONS`.
-        target: explain the `label` logit (the predicted one where the label is unknown) or
-            always the `predicted` one.
-        fraction: the share of pixels Dice and IoU compare.
-        total: the number of examples, for the progress bar (None when unknown).
-        progress: show a progress bar.
+    See `evaluate_map_definitions` for the arguments.
+    """
+    results = evaluate_map_definitions(
+        model, dataset, (definition,), target, fraction, total, progress
+    )
+    return results[definition]
+
+
+def center_gaussian(size: int, sigma_fraction: float = CENTER_GAUSSIAN_SIGMA) -> np.ndarray:
+    """Return a [size, size] Gaussian bump centered in the image (sigma in image sides)."""
+    coordinates = (np.arange(size) - (size - 1) / 2.0) / size
+    rows, columns = np.meshgrid(coordinates, coordinates, indexing="ij")
+    return np.exp(-(rows**2 + columns**2) / (2 * sigma_fraction**2))
+
+
+def baseline_scores(
+    dataset: Iterable[dict[str, tf.Tensor]],
+    map_sum: np.ndarray,
+    map_count: int,
+    fraction: float = metrics.DEFAULT_TOP_FRACTION,
+) -> dict[str, np.ndarray]:
+    """Score maps that need no model against each human map.
+
+    * `mean_map`: the center-bias baseline, the mean of all other human maps of the set
+      (leave-one-out, so it never sees the map it predicts);
+    * `center_gaussian`: a centered Gaussian of sigma `CENTER_GAUSSIAN_SIGMA` image sides;
+    * `darkness`: 255 minus the gray level of the image.
 
     Returns:
-        Per-example scores of the valid examples and the counts of the others.
+        Per baseline, float64 Spearman's rho of each valid example with a map.
+
+    Raises:
+        ValueError: if fewer than two maps were scored.
     """
-    scorer = _Scorer(model, definition, target, fraction)
-    accumulator = _Accumulator()
-    bar = keras.utils.Progbar(total, unit_name="image") if progress else None
-    pending: tuple[tf.Tensor, dict[str, np.ndarray]] | None = None
-
+    if map_count < 2:
+        raise ValueError(f"the center-bias baseline needs at least 2 scored maps, got {map_count}")
+    scores = tf.function(metrics.map_scores, reduce_retracing=True)
+    results: dict[str, list[np.ndarray]] = {name: [] for name in BASELINES}
     for batch in dataset:
-        images = tf.convert_to_tensor(batch["image"], tf.float32)
-        labels = tf.cast(batch["label"], tf.int32)
-        host_batch = _host(batch)
-        if not model.graph_friendly:
-            saliency, logits = scorer.eager_saliency(images, labels)
-            accumulator.add_scores(scorer.scores(saliency, batch["map"]), host_batch)
-        elif pending is None:
-            saliency, logits = scorer.saliency(images, labels)
-        else:
-            # Metrics of the previous batch run alongside this batch's saliency.
-            previous_saliency, previous_batch = pending
-            saliency, logits, scores = scorer.pipelined(
-                images, labels, previous_saliency, previous_batch["map"]
-            )
-            accumulator.add_scores(scores, previous_batch)
-        if model.graph_friendly:
-            pending = (saliency, host_batch)
-        accumulator.add_logits(logits, host_batch["label"])
-        if bar is not None:
-            bar.add(len(host_batch["label"]))
-
-    if pending is not None:
-        saliency, host_batch = pending
-        accumulator.add_scores(scorer.scores(saliency, host_batch["map"]), host_batch)
-    return accumulator.result()
+        maps = batch["map"].numpy().astype(np.float64)
+        has_map = batch["has_map"].numpy()
+        candidates = {
+            "mean_map": (map_sum[None] - maps) / (map_count - 1),
+            "center_gaussian": np.broadcast_to(center_gaussian(maps.shape[-1]), maps.shape),
+            "darkness": 255.0 - batch["image"].numpy().astype(np.float64).mean(axis=-1),
+        }
+        for name, candidate in candidates.items():
+            batch_scores = scores(tf.constant(candidate), tf.constant(maps), fraction)
+            valid = batch_scores.valid.numpy() & has_map
+            results[name].append(batch_scores.spearman.numpy()[valid].astype(np.float64))
+    return {
+        name: np.concatenate(parts) if parts else np.zeros([0]) for name, parts in results.items()
+    }
 
 
 def center_bias_scores(
@@ -243,29 +341,8 @@ def center_bias_scores(
     map_count: int,
     fraction: float = metrics.DEFAULT_TOP_FRACTION,
 ) -> np.ndarray:
-    """Score the mean of the other human maps against each map (the center-bias baseline).
-
-    Each map is compared with the mean of all maps but itself (leave-one-out), so the baseline
-    never sees the map it predicts.
-
-    Returns:
-        float64 Spearman's rho of each valid example with a map.
-
-    Raises:
-        ValueError: if fewer than two maps were scored.
-    """
-    if map_count < 2:
-        raise ValueError(f"the center-bias baseline needs at least 2 scored maps, got {map_count}")
-    scores = tf.function(metrics.map_scores, reduce_retracing=True)
-    results = []
-    for batch in dataset:
-        maps = batch["map"].numpy().astype(np.float64)
-        has_map = batch["has_map"].numpy()
-        others = (map_sum[None] - maps) / (map_count - 1)
-        batch_scores = scores(tf.constant(others), tf.constant(maps), fraction)
-        valid = batch_scores.valid.numpy() & has_map
-        results.append(batch_scores.spearman.numpy()[valid].astype(np.float64))
-    return np.concatenate(results) if results else np.zeros([0])
+    """Return the center-bias baseline's Spearman per example (`mean_map` of `baseline_scores`)."""
+    return baseline_scores(dataset, map_sum, map_count, fraction)["mean_map"]
 
 
 def bootstrap_std(
@@ -307,7 +384,10 @@ def map_report(
     resamples: int = DEFAULT_BOOTSTRAP_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Return the metrics section of a report: each metric with its bootstrap deviation."""
+    """Return the metrics section of a report: each metric with its bootstrap deviation.
+
+    `center_bias` is the `mean_map` baseline's per-example Spearman, reported beside the score.
+    """
     report: dict[str, Any] = {
         "counts": evaluation.counts,
         "human_ceiling": ceiling,
