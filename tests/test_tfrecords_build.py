@@ -9,11 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from harmonizer import records
 from tfrecords import build, labels, make_tiny, verify
 from tfrecords.testing import jpeg_bytes, vendored_photos, write
+
+TINY_SPLITS = make_tiny.SPLITS
+TINY_SHARDS = {"train": 4, "val": 2, "val_new_objects": 1}
+# (examples, examples with a map) per split of `make_tiny` with seed 0.
+TINY_COUNTS = {"train": (203, 124), "val": (51, 31), "val_new_objects": (20, 20)}
 
 
 def _read_examples(records_dir: Path, split: str) -> list[dict[str, object]]:
@@ -40,8 +46,9 @@ def tiny_records(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> P
             input_dir=str(tiny_tree),
             output_dir=str(output),
             maps_dir=str(tiny_tree / "maps"),
+            splits=TINY_SPLITS,
             map_source="silhouette",
-            num_shards={"train": 4, "val": 2},
+            num_shards=TINY_SHARDS,
             show_progress=False,
         )
     )
@@ -49,13 +56,16 @@ def tiny_records(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_tiny_build_shard_names(tiny_records: Path) -> None:
-    names = sorted(p.name for p in tiny_records.iterdir() if p.name != "manifest.json")
-    expected = [f"train-{i:05d}-of-00004" for i in range(4)]
-    expected += [f"val-{i:05d}-of-00002" for i in range(2)]
-    assert names == expected
+    names = sorted(p.name for p in tiny_records.glob("*-of-*"))
+    expected = [
+        f"{split}-{index:05d}-of-{count:05d}"
+        for split, count in TINY_SHARDS.items()
+        for index in range(count)
+    ]
+    assert names == sorted(expected)
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("split", TINY_SPLITS)
 def test_tiny_build_labels_and_maps_round_trip(
     tiny_tree: Path, tiny_records: Path, split: str
 ) -> None:
@@ -88,18 +98,31 @@ def test_tiny_build_manifest_counts(tiny_records: Path) -> None:
     manifest = json.loads((tiny_records / "manifest.json").read_text())
     assert manifest["complete"] is True
     assert manifest["skipped"] == []
-    assert manifest["totals"]["files_found"] == 243
-    assert manifest["splits"]["train"]["num_examples"] == 203
-    assert manifest["splits"]["train"]["num_with_map"] == 124
-    assert manifest["splits"]["val"]["num_examples"] == 40
-    assert manifest["splits"]["val"]["num_with_map"] == 20
+    assert manifest["totals"]["files_found"] == sum(n for n, _ in TINY_COUNTS.values())
+    for split, (num_examples, num_with_map) in TINY_COUNTS.items():
+        assert manifest["splits"][split]["num_examples"] == num_examples, split
+        assert manifest["splits"][split]["num_with_map"] == num_with_map, split
 
 
 def test_tiny_build_verifies(tiny_records: Path) -> None:
     report = verify.verify(str(tiny_records), num_decode=20)
     assert report.errors == []
-    assert report.examples_read == 243
+    assert report.examples_read == sum(n for n, _ in TINY_COUNTS.values())
     assert report.examples_decoded == 20
+
+
+def test_tiny_build_reads_with_tfds(tiny_records: Path) -> None:
+    builder = tfds.builder_from_directory(str(tiny_records))
+    for split, (num_examples, _) in TINY_COUNTS.items():
+        assert builder.info.splits[split].num_examples == num_examples, split
+    examples = list(builder.as_dataset(split="val").as_numpy_iterator())
+    plain = {e[records.FILENAME_KEY]: e for e in _read_examples(tiny_records, "val")}
+    assert len(examples) == TINY_COUNTS["val"][0]
+    for example in examples:
+        reference = plain[example["image"]["filename"]]
+        assert example["image"]["class"]["label"] == reference[records.LABEL_KEY]
+        assert example["map"]["has_map"] == reference[records.HAS_MAP_KEY]
+        assert example["image"]["encoded"].shape[-1] == 3
 
 
 def test_tiny_build_rerun_writes_nothing(tiny_tree: Path, tiny_records: Path) -> None:
@@ -109,8 +132,9 @@ def test_tiny_build_rerun_writes_nothing(tiny_tree: Path, tiny_records: Path) ->
             input_dir=str(tiny_tree),
             output_dir=str(tiny_records),
             maps_dir=str(tiny_tree / "maps"),
+            splits=TINY_SPLITS,
             map_source="silhouette",
-            num_shards={"train": 4, "val": 2},
+            num_shards=TINY_SHARDS,
             show_progress=False,
         )
     )

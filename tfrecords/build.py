@@ -79,8 +79,11 @@ class BuildConfig:
             manifest; `write` also writes them as examples from their own 256-pixel image.
         clickme_min_correlation: lowest thumbnail correlation accepted as a ClickMe match.
         num_workers: worker processes; 1 runs everything in this process.
-        overwrite: rebuild from scratch when `output_dir` holds a build with other arguments.
+        overwrite: rebuild from scratch when `output_dir` contains a build with other
+            arguments.
         show_progress: draw progress bars with ETA on stderr.
+        tfds_metadata: also write TFDS metadata so `tfds.builder_from_directory(output_dir)`
+            reads the shards (see `tfrecords.tfds_metadata`).
     """
 
     input_dir: str
@@ -100,6 +103,7 @@ class BuildConfig:
     num_workers: int = 1
     overwrite: bool = False
     show_progress: bool = True
+    tfds_metadata: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid argument."""
@@ -146,7 +150,7 @@ class BuildConfig:
     def manifest_arguments(self) -> dict[str, Any]:
         """Return the arguments that decide the output (not where it goes or how fast)."""
         arguments = dataclasses.asdict(self)
-        for name in ("output_dir", "num_workers", "overwrite", "show_progress"):
+        for name in ("output_dir", "num_workers", "overwrite", "show_progress", "tfds_metadata"):
             arguments.pop(name)
         arguments["splits"] = list(self.splits)
         arguments["num_shards"] = {split: self.num_shards[split] for split in self.splits}
@@ -551,6 +555,10 @@ def write_plan(config: BuildConfig, plan: Plan, runner: _Runner) -> dict[str, An
 
     manifest["complete"] = True
     manifest_lib.write_manifest(config.output_dir, manifest)
+    if config.tfds_metadata:
+        from tfrecords import tfds_metadata  # tensorflow-datasets takes a second to import.
+
+        tfds_metadata.write_tfds_metadata(config.output_dir, manifest)
     return manifest
 
 
@@ -653,6 +661,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Worker processes.")
     flags.DEFINE_bool("overwrite", False, "Replace a build with other arguments in output_dir.")
     flags.DEFINE_bool("progress", True, "Show progress bars with ETA.")
+    flags.DEFINE_bool(
+        "tfds_metadata", True, "Write dataset_info.json for tfds.builder_from_directory."
+    )
     flags.mark_flags_as_required(["input_dir", "output_dir"])
 
 
@@ -677,6 +688,7 @@ def main(argv: Sequence[str]) -> None:
             num_workers=FLAGS.num_workers,
             overwrite=FLAGS.overwrite,
             show_progress=FLAGS.progress,
+            tfds_metadata=FLAGS.tfds_metadata,
         )
     )
 
