@@ -188,6 +188,11 @@ class ProgressLogger(keras.callbacks.Callback):
 
 def train(config: TrainConfig) -> dict:
     """Train, evaluate on the validation shards if present, export, and return the results."""
+    return train_model(config)[1]
+
+
+def train_model(config: TrainConfig) -> tuple[Harmonizer, dict]:
+    """Like `train`, but also return the trained `Harmonizer`."""
     config.validate()
     keras.utils.set_random_seed(config.seed)
     tf.io.gfile.makedirs(config.model_dir)
@@ -229,4 +234,49 @@ def train(config: TrainConfig) -> dict:
         )
     with tf.io.gfile.GFile(os.path.join(config.model_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    return results
+    return model, results
+
+
+def read_flagfile(path: str) -> dict[str, str]:
+    """Return the ``--name=value`` lines of an absl flagfile as a dict (comments skipped)."""
+    values: dict[str, str] = {}
+    with tf.io.gfile.GFile(path) as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not line.startswith("--") or "=" not in line:
+                raise ValueError(f"{path}:{number}: expected --name=value, got {line!r}")
+            name, value = line[2:].split("=", 1)
+            values[name] = value
+    return values
+
+
+def config_from_flagfile(path: str, **overrides) -> TrainConfig:
+    """Build a `TrainConfig` from a flagfile of `experiments.train` flags plus overrides.
+
+    Raises:
+        ValueError: for a flag that is not a `TrainConfig` field or a value of the wrong type.
+    """
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    kwargs: dict = {}
+    for name, text in read_flagfile(path).items():
+        if name not in fields:
+            raise ValueError(f"{path}: unknown flag --{name}; valid flags are {sorted(fields)}")
+        default = getattr(_FIELD_DEFAULTS, name)
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                kwargs[name] = text.lower() in ("true", "1")
+            else:
+                kwargs[name] = type(default)(text)
+        except ValueError as error:
+            raise ValueError(
+                f"{path}: --{name}={text!r} is not a valid {type(default).__name__}"
+            ) from error
+    kwargs.update(overrides)
+    return TrainConfig(**kwargs)
+
+
+_FIELD_DEFAULTS = TrainConfig(data_dir="", model_dir="")
