@@ -4,7 +4,7 @@ Example:
 
     python -m tools.ceiling --maps_dir=clicks/ --num_splits=1000 --output=ceiling.json
 
-`--maps_dir` holds one folder per image with one grayscale map per participant,
+`--maps_dir` contains one folder per image with one grayscale map per participant,
 `<image id>/<participant id>.png`. The ceiling is the mean over random splits of the participant
 pool of the mean over images of Spearman's rho between the two halves' mean maps. Divide model
 Spearman scores by it (`python -m experiments.evaluate --ceiling=...`).

@@ -1,8 +1,8 @@
 """The split-half inter-rater ceiling of human feature-importance maps.
 
-The participant pool is split at random into two halves; for every image, the mean map of each
-half's participants is compared with Spearman's rho, and the split's score is the mean over
-images. The ceiling is the mean over splits (1000 in Fel et al., 2022, which gives 0.65753 for
+The participant pool is split at random into two halves. For every image, the mean maps of the
+two halves' participants are compared with Spearman's rho, and the split's score is the mean
+over images. The ceiling is the mean over splits (1000 in Fel et al., 2022, which gives 0.65753 for
 ClickMe). An image with no participant in one half of a split is skipped for that split and
 counted.
 

@@ -1,7 +1,7 @@
 """PNG figures of evaluations: accuracy-alignment trade-off, map panels and decision curves.
 
 matplotlib is an optional extra (`pip install matplotlib`); every function here imports it
-when called and raises an `ImportError` that says so when it is missing.
+when called and raises an `ImportError` naming the package when it is missing.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class TradeoffPoint:
         accuracy: ImageNet top-1 accuracy in [0, 1].
         alignment: mean Spearman's rho divided by the human ceiling.
         alignment_std: bootstrap standard deviation of `alignment` (error bar), or 0.
-        baseline: name of the unharmonized model this one was trained from, or None; an arrow
-            is drawn from that model to this one, and only models without a baseline define
-            the Pareto frontier.
+        baseline: name of the unharmonized model this one was trained from, or None. An arrow
+            is drawn from that model to this one. Only models without a baseline define the
+            Pareto frontier.
     """
 
     name: str

@@ -13,9 +13,9 @@ Batches keep the last partial batch, so every example is scored.
 Sources:
 
 * ClickMe shards in their released schema: `image` (JPEG 256x256x3), `heatmap` (JPEG
-  256x256x1), `label` (int64). Following the ClickMe evaluation of the released harmonization
-  code, each map is resized to 64x64, blurred with a 10x10 Gaussian kernel of sigma 10 (zero
-  padding), and resized to the image size (bilinear throughout); images are resized bilinearly.
+  256x256x1), `label` (int64). As in the ClickMe evaluation of the released harmonization code,
+  each map is resized to 64x64, blurred with a 10x10 Gaussian kernel of sigma 10 (zero
+  padding), and resized to the image size. Every resize, of maps and images, is bilinear.
 * The project's records (`harmonizer.records`), center-cropped as `harmonizer.data` evaluates.
 * A folder of image/map pairs: `<images>/<relative path>/<stem>.<jpg|jpeg|png>` with the map
   `<maps>/<relative path>/<stem>.png`, for Clicktionary and user data. Images without a map are
@@ -211,8 +211,8 @@ def folder_dataset(
     """Read a folder of image/map pairs, both resized to the same square.
 
     Labels come from `labels_csv` (see `read_labels_csv`), else from a parent folder named
-    after a synset of `synsets` (sorted ImageNet order), else are -1 (unknown); score unknown
-    labels with the model's predicted class.
+    after a synset of `synsets` (sorted ImageNet order), else are -1 (unknown). The evaluation
+    explains the predicted class of an image with an unknown label.
 
     Returns:
         The dataset and the number of images.

@@ -68,8 +68,8 @@ class ReleasedModel:
 RELEASED_MODELS = {
     "vgg16_harmonized.h5": ReleasedModel("VGG16", "torch"),
     "resnet50v2_harmonized.h5": ReleasedModel("ResNet50V2", "torch"),
-    # NOTE: the authors built this one with the `efficientnet` package, whose layer names were
-    # the model for keras.applications; loading the real file has not been tried here.
+    # NOTE: the authors built this one with the `efficientnet` package. Its layer names were the
+    # model for keras.applications, but loading the real file has not been tried here.
     "efficientnetB0_harmonized.h5": ReleasedModel("EfficientNetB0", "torch"),
     # NOTE: the authors built the ViT with `vit_keras`; it loads only once the zoo registers a
     # `vit_b16` with the same layer names and weight shapes.

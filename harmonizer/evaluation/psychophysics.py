@@ -12,7 +12,7 @@ Each stimulus reveals the top p% most important pixels of a photo, with p log-sp
 * Background: per channel, the amplitude spectrum of the photo with the phase of one white-noise
   image shared by the three channels (the zero-frequency phase is kept at 0, so the mean is the
   photo's). Values are not clipped to [0, 255], because clipping would change the spectrum.
-* Decision: a model says "animal" when its top-1 class is one of ImageNet classes 0-397 (the
+* Decision: a model answers "animal" when its top-1 class is one of ImageNet classes 0-397 (the
   animal synsets in sorted-synset order), as in the psychophysics code released with Fel et
   al. (2022).
 * Normalization: each accuracy curve is min-max normalized, `(acc - min(acc)) / (max(acc) -

@@ -24,7 +24,7 @@ DEFAULT_PANEL_COUNT = 4
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
-    """What to score, on which data, and how.
+    """Settings of one evaluation run: the model, the data and the scoring options.
 
     Attributes:
         model_path: a `.keras` file, export directory, SavedModel, Keras 2 `.h5` or zoo name.

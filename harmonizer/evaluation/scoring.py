@@ -304,7 +304,7 @@ def baseline_scores(
     """Score maps that need no model against each human map.
 
     * `mean_map`: the center-bias baseline, the mean of all other human maps of the set
-      (leave-one-out, so it never sees the map it predicts);
+      (leave-one-out, so the predicted map is never part of its own baseline);
     * `center_gaussian`: a centered Gaussian of sigma `CENTER_GAUSSIAN_SIGMA` image sides;
     * `darkness`: 255 minus the gray level of the image.
 
