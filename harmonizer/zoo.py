@@ -35,6 +35,14 @@ VIT_B16 = {
     "num_heads": 12,
 }
 VIT_LAYER_NORM_EPSILON = 1e-6
+# A 4-layer ViT of width 64 with patch 8, for CPU tests at 32-64 px.
+SMALL_VIT = {
+    "patch_size": 8,
+    "num_layers": 4,
+    "hidden_size": 64,
+    "mlp_size": 128,
+    "num_heads": 4,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +159,7 @@ def build(
         )
 
     backbone = spec.builder(num_classes=num_classes, image_size=image_size, **kwargs)
-    for layer in _all_layers(backbone):
+    for layer in all_layers(backbone):
         if isinstance(layer, hlayers.ExactBatchNormalization):
             layer.synchronized = synchronized_batch_norm
 
@@ -164,12 +172,12 @@ def build(
     return keras.Model(inputs, logits, name=name)
 
 
-def _all_layers(model: keras.Model):
+def all_layers(model: keras.Model):
     """Yield every layer of ``model``, descending into nested models."""
     for layer in model.layers:
         yield layer
         if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+            yield from all_layers(layer)
 
 
 def _conv_bn_relu(x, filters: int, strides: int, name: str):
@@ -381,6 +389,12 @@ def _build_vit_b16(num_classes: int, image_size: int, dropout: float = 0.0) -> k
     return _build_vit(num_classes, image_size, dropout=dropout, name="vit_b16_backbone", **VIT_B16)
 
 
+def _build_small_vit(num_classes: int, image_size: int, dropout: float = 0.0) -> keras.Model:
+    return _build_vit(
+        num_classes, image_size, dropout=dropout, name="small_vit_backbone", **SMALL_VIT
+    )
+
+
 register(
     ModelSpec(
         name="resnet50",
@@ -439,5 +453,15 @@ register(
         preprocessing="tf",
         normalization="ExactBatchNormalization",
         min_image_size=2 ** len(SMALL_RESNET_WIDTHS),
+    )
+)
+register(
+    ModelSpec(
+        name="small_vit",
+        builder=_build_small_vit,
+        preprocessing="tf",
+        normalization="ExactLayerNormalization (epsilon 1e-6), pre-norm",
+        image_size_multiple=SMALL_VIT["patch_size"],
+        min_image_size=SMALL_VIT["patch_size"],
     )
 )
