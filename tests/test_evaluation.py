@@ -243,3 +243,32 @@ def test_zoo_model_preprocessing_conflict_is_rejected():
     with pytest.raises(ValueError, match="leave preprocessing unset"):
         models.load_model("small_cnn", preprocessing="caffe")
     assert zoo.preprocessing_of("small_cnn") == "tf"
+
+
+def test_both_definitions_from_one_gradient(small_model, clickme_shard):
+    dataset = mapsets.clickme_dataset(clickme_shard, IMAGE_SIDE, BATCH_SIZE)
+
+    together = scoring.evaluate_map_definitions(
+        small_model, dataset, hsaliency.DEFINITIONS, progress=False
+    )
+
+    for definition in hsaliency.DEFINITIONS:
+        alone = scoring.evaluate_maps(small_model, dataset, definition, progress=False)
+        np.testing.assert_allclose(together[definition].spearman, alone.spearman, atol=1e-6)
+        np.testing.assert_allclose(together[definition].dice, alone.dice, atol=1e-6)
+
+
+def test_model_free_baselines_match_scipy(clickme_shard):
+    dataset = mapsets.clickme_dataset(clickme_shard, IMAGE_SIDE, BATCH_SIZE)
+    batches = list(dataset)
+    maps = np.concatenate([b["map"].numpy() for b in batches]).astype(np.float64)
+    images = np.concatenate([b["image"].numpy() for b in batches]).astype(np.float64)
+
+    scores = scoring.baseline_scores(dataset, maps.sum(axis=0), len(maps))
+    gaussian = np.broadcast_to(scoring.center_gaussian(IMAGE_SIDE), maps.shape)
+    darkness = 255.0 - images.mean(axis=-1)
+
+    np.testing.assert_allclose(
+        scores["center_gaussian"], _scipy_spearman(gaussian, maps), atol=1e-6
+    )
+    np.testing.assert_allclose(scores["darkness"], _scipy_spearman(darkness, maps), atol=1e-6)
