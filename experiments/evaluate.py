@@ -25,7 +25,9 @@ with the project. See docs/evaluation.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
 import tensorflow as tf
 from absl import app, flags, logging
@@ -164,7 +166,9 @@ def main(argv):
         logging.info("wrote %s", path)
         return
     try:
-        report = run_evaluation(_config_from_flags())
+        # The progress bar writes to stdout, which is kept for the JSON report.
+        with contextlib.redirect_stdout(sys.stderr):
+            report = run_evaluation(_config_from_flags())
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     text = json.dumps(report, indent=2)

@@ -236,7 +236,13 @@ def _draw_panels(
     config: EvaluationConfig, model: models.LoadedModel, dataset: tf.data.Dataset, definition: str
 ) -> None:
     batch = next(iter(dataset.unbatch().filter(lambda e: e["has_map"]).batch(config.panel_count)))
-    saliency_maps = model.saliency(batch["image"], batch["label"], definition).numpy()
+    if model.graph_friendly:
+        saliencies, _ = scoring.gradient_saliency(
+            model, batch["image"], batch["label"], (definition,), config.target
+        )
+        saliency_maps = saliencies[0].numpy()
+    else:
+        saliency_maps = model.saliency(batch["image"], batch["label"], definition).numpy()
     titles = [os.path.basename(value.decode("utf-8", "replace")) for value in batch["id"].numpy()]
     path = os.path.join(config.figures_dir, f"panels_{definition}.png")
     figures.plot_map_panels(

@@ -62,14 +62,18 @@ def _target_classes(logits: tf.Tensor, labels: tf.Tensor, target: str) -> tf.Ten
     return tf.where(labels >= 0, labels, predicted)
 
 
-def _gradient_saliency(
+def gradient_saliency(
     model: LoadedModel,
     images: tf.Tensor,
     labels: tf.Tensor,
     definitions: tuple[str, ...],
     target: str,
 ) -> tuple[tuple[tf.Tensor, ...], tf.Tensor]:
-    """Return one saliency batch per definition (from one gradient) and the logits."""
+    """Return one saliency batch per definition (from one gradient) and the logits.
+
+    The explained class is the label, or the predicted class where the label is -1 (unknown)
+    or `target` is `predicted`.
+    """
     with tf.GradientTape() as tape:
         tape.watch(images)
         logits = tf.cast(model.forward(images, training=False), tf.float32)
@@ -106,7 +110,7 @@ class _Scorer:
             self.pipelined = tf.function(self._pipelined, reduce_retracing=True)
 
     def _saliency(self, images, labels):
-        return _gradient_saliency(self.model, images, labels, self.definitions, self.target)
+        return gradient_saliency(self.model, images, labels, self.definitions, self.target)
 
     def _scores(self, saliencies, maps):
         return tuple(metrics.map_scores(s, maps, self.fraction) for s in saliencies)
