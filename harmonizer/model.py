@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import keras
 import tensorflow as tf
 
+from harmonizer import layers as hlayers
 from harmonizer import losses, metrics, saliency
 
 
@@ -18,6 +22,93 @@ def _replica_sum(value: tf.Tensor) -> tf.Tensor:
 
 def _num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+class BatchStatisticsReplay:
+    """Reuse the batch moments of one training-mode forward pass in a second pass.
+
+    The saliency sub-batch runs the backbone twice: on the whole batch (for cross-entropy)
+    and on k selected examples (for the saliency). Inside `recording`, every
+    `ExactBatchNormalization` computes its moments as usual and they are stored. Inside
+    `replaying`, each layer normalizes with the stored whole-batch moments instead of the
+    sub-batch's own, and its momentum is set to 1 so that the moving averages are updated
+    once per step, by the whole-batch pass. The stored moments are tensors of the first
+    pass, so gradients with respect to the weights flow through them, while a tape that
+    watches only the sub-batch images sees them as constants.
+
+    Both contexts act at trace time: they swap the layers' `batch_moments` method and
+    `momentum` for the duration of one backbone call and restore them on exit.
+    """
+
+    def __init__(self, backbone: keras.Model):
+        self._layers = []
+        for layer in losses.iter_layers(backbone):
+            if isinstance(layer, hlayers.ExactBatchNormalization):
+                self._layers.append(layer)
+            elif isinstance(layer, keras.layers.BatchNormalization):
+                raise ValueError(
+                    f"saliency_subbatch > 0 needs batch statistics it can replay, but layer "
+                    f"{layer.name!r} is a plain keras.layers.BatchNormalization; build the "
+                    "backbone with harmonizer.zoo (ExactBatchNormalization) or set "
+                    "saliency_subbatch=0"
+                )
+        self._moments: dict[int, list[tuple[tf.Tensor, tf.Tensor]]] = {}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Store the moments each layer computes during the enclosed call."""
+        self._moments = {id(layer): [] for layer in self._layers}
+
+        def recorder(layer):
+            compute = layer.batch_moments
+
+            def batch_moments(inputs, mask=None):
+                moments = compute(inputs, mask)
+                self._moments[id(layer)].append(moments)
+                return moments
+
+            return batch_moments
+
+        with self._swapped({id(layer): recorder(layer) for layer in self._layers}):
+            yield
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Normalize with the recorded moments, without moving-average updates."""
+        pending = {key: list(calls) for key, calls in self._moments.items()}
+
+        def replayer(layer):
+            def batch_moments(inputs, mask=None):
+                if not pending.get(id(layer)):
+                    raise RuntimeError(
+                        f"layer {layer.name!r} has no recorded batch moments to replay; "
+                        "call the backbone inside recording() first, with the same layers"
+                    )
+                return pending[id(layer)].pop(0)
+
+            return batch_moments
+
+        momenta = {id(layer): layer.momentum for layer in self._layers}
+        with self._swapped({id(layer): replayer(layer) for layer in self._layers}):
+            for layer in self._layers:
+                layer.momentum = 1.0
+            try:
+                yield
+            finally:
+                for layer in self._layers:
+                    layer.momentum = momenta[id(layer)]
+
+    @contextlib.contextmanager
+    def _swapped(self, methods) -> Iterator[None]:
+        # Instance attributes shadow the class method; object.__setattr__ keeps the
+        # functions out of Keras's variable and layer tracking.
+        for layer in self._layers:
+            object.__setattr__(layer, "batch_moments", methods[id(layer)])
+        try:
+            yield
+        finally:
+            for layer in self._layers:
+                object.__delattr__(layer, "batch_moments")
 
 
 class Harmonizer(keras.Model):
@@ -37,6 +128,19 @@ class Harmonizer(keras.Model):
     and divided by the global batch size, the harmonization term is divided by the number of
     mapped examples over all replicas, and weight decay by the number of replicas, so that the
     gradients summed over replicas equal those of one device on the global batch.
+
+    Saliency sub-batch (``saliency_subbatch = k > 0``): cross-entropy still comes from one
+    forward pass over the whole batch, but the second-order saliency pass runs only on k
+    examples per replica, the mapped ones first (in batch order), padded with unmapped ones
+    (flag 0, no loss) when fewer than k are mapped. The harmonization term is the mean over
+    the selected mapped examples of all replicas. In the sub-batch pass every
+    `ExactBatchNormalization` normalizes with the whole-batch moments of the first pass
+    (see `BatchStatisticsReplay`), held constant with respect to the input, so an
+    example's saliency is its own input gradient and does not depend on which examples
+    share its sub-batch. With ``k = 0`` the saliency is taken through the batch
+    statistics, which adds a coupling term between examples of order 1/batch size; models
+    without batch normalization get the same loss and gradients either way whenever all
+    mapped examples fit in the k. See ``docs/performance.md``.
     """
 
     def __init__(
@@ -46,9 +150,14 @@ class Harmonizer(keras.Model):
         weight_decay: float = 0.0,
         label_smoothing: float = 0.0,
         pyramid_levels: int = losses.DEFAULT_PYRAMID_LEVELS,
+        saliency_subbatch: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if saliency_subbatch < 0:
+            raise ValueError(
+                f"saliency_subbatch must be >= 0 (0 = whole batch), got {saliency_subbatch}"
+            )
         if harmonization_weight < 0:
             raise ValueError(f"harmonization_weight must be >= 0, got {harmonization_weight}")
         if weight_decay < 0:
@@ -61,6 +170,10 @@ class Harmonizer(keras.Model):
         self.label_smoothing = float(label_smoothing)
         self.pyramid_levels = int(pyramid_levels)
         self.num_classes = int(backbone.output_shape[-1])
+        self.saliency_subbatch = int(saliency_subbatch)
+        self._statistics_replay = (
+            BatchStatisticsReplay(backbone) if self.saliency_subbatch else None
+        )
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.cross_entropy_tracker = keras.metrics.Mean(name="cross_entropy")
@@ -69,10 +182,12 @@ class Harmonizer(keras.Model):
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self.alignment_tracker = keras.metrics.Mean(name="alignment")
         self.mapped_fraction_tracker = keras.metrics.Mean(name="mapped_fraction")
+        # Share of the mapped examples that the saliency sub-batch covered.
+        self.subbatch_coverage_tracker = keras.metrics.Mean(name="subbatch_coverage")
 
     @property
     def metrics(self):
-        return [
+        trackers = [
             self.loss_tracker,
             self.cross_entropy_tracker,
             self.harmonization_tracker,
@@ -81,6 +196,9 @@ class Harmonizer(keras.Model):
             self.alignment_tracker,
             self.mapped_fraction_tracker,
         ]
+        if self.saliency_subbatch:
+            trackers.append(self.subbatch_coverage_tracker)
+        return trackers
 
     def call(self, inputs, training=False):
         images = inputs["image"] if isinstance(inputs, dict) else inputs
@@ -102,6 +220,37 @@ class Harmonizer(keras.Model):
         gradients = inner_tape.gradient(target_logits, images)
         return logits, saliency.reduce_saliency(gradients, saliency.SIGNED_MEAN)
 
+    def _subbatch_indices(self, has_map: tf.Tensor) -> tf.Tensor:
+        """Return the indices of the k examples of the saliency pass, mapped ones first."""
+        batch_size = has_map.shape[0]
+        if batch_size is None:
+            size = tf.minimum(self.saliency_subbatch, tf.shape(has_map)[0])
+        else:
+            size = min(self.saliency_subbatch, batch_size)
+        # top_k is stable, so ties (all mapped, or all unmapped) keep the batch order, which
+        # the shuffled input pipeline makes random.
+        _, indices = tf.math.top_k(has_map, k=size, sorted=True)
+        return indices
+
+    def _forward_and_subbatch_saliency(self, images, targets, has_map):
+        """Run the whole batch forward, then the saliency pass on the selected k examples.
+
+        Returns:
+            ``(logits [B, K], saliency [k, H, W], indices [k])``.
+        """
+        with self._statistics_replay.recording():
+            logits = self.backbone(images, training=True)
+        indices = self._subbatch_indices(has_map)
+        sub_images = tf.gather(images, indices)
+        sub_targets = tf.gather(targets, indices)
+        with tf.GradientTape() as inner_tape:
+            inner_tape.watch(sub_images)
+            with self._statistics_replay.replaying():
+                sub_logits = self.backbone(sub_images, training=True)
+            target_logits = tf.reduce_sum(tf.cast(sub_logits, tf.float32) * sub_targets)
+        gradients = inner_tape.gradient(target_logits, sub_images)
+        return logits, saliency.reduce_saliency(gradients, saliency.SIGNED_MEAN), indices
+
     def train_step(self, data):
         features, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(features["image"], tf.float32)
@@ -115,19 +264,31 @@ class Harmonizer(keras.Model):
         global_mapped = _replica_sum(tf.reduce_sum(has_map))
         decayed = self._decayed_weights()
         variables = self.trainable_variables
+        use_subbatch = self.saliency_subbatch > 0 and self.harmonization_weight > 0
+        harmonized_maps, harmonized_has_map = maps, has_map
 
         # Forward pass, saliency and every loss part under the outer tape.
         with tf.GradientTape() as tape:
-            logits, saliency_map = self._forward_and_saliency(images, targets)
+            if use_subbatch:
+                logits, saliency_map, indices = self._forward_and_subbatch_saliency(
+                    images, targets, has_map
+                )
+                harmonized_maps = tf.gather(maps, indices)
+                harmonized_has_map = tf.gather(has_map, indices)
+            else:
+                logits, saliency_map = self._forward_and_saliency(images, targets)
+            harmonized_count = _replica_sum(tf.reduce_sum(harmonized_has_map))
             cross_entropy = losses.per_example_cross_entropy(logits, targets, self.label_smoothing)
             cross_entropy_sum = tf.reduce_sum(cross_entropy)
             if saliency_map is None:
                 harmonization = tf.constant(0.0)
             else:
                 per_example = losses.per_example_harmonization_loss(
-                    saliency_map, maps, self.pyramid_levels
+                    saliency_map, harmonized_maps, self.pyramid_levels
                 )
-                harmonization = losses.masked_mean(per_example, has_map, global_mapped)
+                harmonization = losses.masked_mean(
+                    per_example, harmonized_has_map, harmonized_count
+                )
             decay = losses.weight_decay_loss(decayed)
             scaled_loss = (
                 cross_entropy_sum / global_batch
@@ -155,6 +316,9 @@ class Harmonizer(keras.Model):
         self.weight_decay_tracker.update_state(decay)
         self.accuracy_tracker.update_state(self._top1(logits, targets))
         self.mapped_fraction_tracker.update_state(tf.reduce_mean(has_map))
+        if self.saliency_subbatch:
+            coverage = tf.math.divide_no_nan(harmonized_count, global_mapped)
+            self.subbatch_coverage_tracker.update_state(tf.where(global_mapped > 0, coverage, 1.0))
         return {m.name: m.result() for m in self.metrics if m is not self.alignment_tracker}
 
     @staticmethod
@@ -184,8 +348,9 @@ class Harmonizer(keras.Model):
             rho / metrics.HUMAN_CEILING_CLICKME, sample_weight=scored
         )
         self.mapped_fraction_tracker.update_state(has_map)
-        return {
-            m.name: m.result()
-            for m in self.metrics
-            if m not in (self.loss_tracker, self.weight_decay_tracker)
-        }
+        training_only = (
+            self.loss_tracker,
+            self.weight_decay_tracker,
+            self.subbatch_coverage_tracker,
+        )
+        return {m.name: m.result() for m in self.metrics if m not in training_only}
