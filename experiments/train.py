@@ -39,6 +39,12 @@ flags.DEFINE_float(
 flags.DEFINE_float(
     "weight_decay", _DEFAULTS.weight_decay, "lambda_2, weight of the sum of squared kernels."
 )
+flags.DEFINE_integer(
+    "saliency_subbatch",
+    _DEFAULTS.saliency_subbatch,
+    "Examples per replica in the second-order saliency pass, mapped ones first; 0 runs it on "
+    "the whole batch. Set it a few standard deviations above the expected mapped count.",
+)
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of weights, data order and augmentation.")
 flags.DEFINE_bool(
     "deterministic", _DEFAULTS.deterministic, "Keep the input order deterministic (slower)."
@@ -63,6 +69,7 @@ def config_from_flags() -> training.TrainConfig:
         label_smoothing=FLAGS.label_smoothing,
         harmonization_weight=FLAGS.harmonization_weight,
         weight_decay=FLAGS.weight_decay,
+        saliency_subbatch=FLAGS.saliency_subbatch,
         seed=FLAGS.seed,
         deterministic=FLAGS.deterministic,
         export=FLAGS.export,

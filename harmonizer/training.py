@@ -43,6 +43,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     harmonization_weight: float = 1.0
     weight_decay: float = 5e-5
+    saliency_subbatch: int = 0
     seed: int = 0
     deterministic: bool = False
     validation_batch_size: int = 0
@@ -77,6 +78,10 @@ class TrainConfig:
                 ),
             ),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (
+                self.saliency_subbatch >= 0,
+                (f"saliency_subbatch must be >= 0 (0 = whole batch), got {self.saliency_subbatch}"),
+            ),
             (
                 self.validation_batch_size >= 0,
                 (
@@ -143,6 +148,7 @@ def build_model(config: TrainConfig, total_steps: int, warmup_steps: int) -> Har
         harmonization_weight=config.harmonization_weight,
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,
+        saliency_subbatch=config.saliency_subbatch,
     )
     schedule = WarmupCosine(config.learning_rate, warmup_steps, total_steps)
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum)
