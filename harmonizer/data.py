@@ -28,6 +28,8 @@ CROP_MAX_ATTEMPTS = 10
 # Resize to image_size / 0.875 then center-crop image_size, the ImageNet evaluation convention.
 CENTER_CROP_FRACTION = 0.875
 DEFAULT_SHUFFLE_BUFFER = 1024
+# Maps are stored as 8-bit PNGs.
+MAP_MAX_VALUE = 255.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +45,17 @@ class PipelineConfig:
     deterministic: bool = False
     repeat: bool = True
     center_crop_fraction: float = CENTER_CROP_FRACTION
+    # Size of a thread pool of this pipeline's own; 0 shares TF's global inter-op pool.
+    num_threads: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_threads < 0:
+            raise ValueError(
+                f"num_threads must be >= 0 (0 = TF's shared pool), got {self.num_threads}"
+            )
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8 pixels, got {self.image_size}")
         if not 0.0 < self.center_crop_fraction <= 1.0:
@@ -62,20 +70,26 @@ class PipelineConfig:
 
 
 def _decode_map(example: dict[str, tf.Tensor]) -> tf.Tensor:
-    """Return the map as float32 [h, w] in [0, 1], or a 1x1 zero map when there is none."""
+    """Return the map as uint8 [h, w], or a 1x1 zero map when there is none.
+
+    It stays uint8 until it is cropped and resized, so no full-size float copy is made.
+    """
 
     def decode():
-        return tf.cast(tf.io.decode_png(example[records.MAP_KEY], channels=1), tf.float32) / 255.0
+        return tf.io.decode_png(example[records.MAP_KEY], channels=1, dtype=tf.uint8)
 
     def empty():
-        return tf.zeros([1, 1, 1], tf.float32)
+        return tf.zeros([1, 1, 1], tf.uint8)
 
     has_map = example[records.HAS_MAP_KEY] > 0
     return tf.cond(has_map, decode, empty)[..., 0]
 
 
 def _crop_map(map_image: tf.Tensor, window: tf.Tensor, image_shape: tf.Tensor, size: int):
-    """Cut the image window's field of view out of the map and resize it to size x size."""
+    """Cut the image window's field of view out of a uint8 map and resize it to size x size.
+
+    Returns float32 values in [0, 1].
+    """
     map_shape = tf.cast(tf.shape(map_image), tf.float32)
     image_shape = tf.cast(image_shape, tf.float32)
     window = tf.cast(window, tf.float32)
@@ -88,7 +102,7 @@ def _crop_map(map_image: tf.Tensor, window: tf.Tensor, image_shape: tf.Tensor, s
     height_i = tf.maximum(tf.cast(tf.math.ceil(bottom), tf.int32) - top_i, 1)
     width_i = tf.maximum(tf.cast(tf.math.ceil(right), tf.int32) - left_i, 1)
     cropped = tf.image.crop_to_bounding_box(map_image[..., None], top_i, left_i, height_i, width_i)
-    return tf.image.resize(cropped, [size, size], method="bilinear")[..., 0]
+    return tf.image.resize(cropped, [size, size], method="bilinear")[..., 0] / MAP_MAX_VALUE
 
 
 def _random_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -142,16 +156,19 @@ def preprocess(
     else:
         window = _center_window(image_shape, center_crop_fraction)
 
-    # Decode only the crop window, then resize image and map to the same square.
+    # Decode only the crop window, then resize image and map to the same square. Bilinear
+    # resizing of uint8 returns float32 and, as a convex combination, stays within [0, 255].
     image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-    image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size])
-    image = tf.clip_by_value(image, 0.0, 255.0)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     map_out = _crop_map(map_image, window, image_shape, image_size)
 
     if training:
         flip = tf.random.stateless_uniform([], seed=flip_seed) < 0.5
-        image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-        map_out = tf.cond(flip, lambda: tf.reverse(map_out, axis=[1]), lambda: map_out)
+        image, map_out = tf.cond(
+            flip,
+            lambda: (tf.reverse(image, axis=[1]), tf.reverse(map_out, axis=[1])),
+            lambda: (image, map_out),
+        )
 
     has_map = tf.cast(example[records.HAS_MAP_KEY] > 0, tf.float32)
     map_out = map_out * has_map
@@ -199,6 +216,11 @@ def build_dataset(config: PipelineConfig) -> tf.data.Dataset:
     dataset = dataset.batch(config.batch_size, drop_remainder=config.training)
     options = tf.data.Options()
     options.deterministic = config.deterministic or not config.training
+    # Parallelism comes from preprocessing many examples at once; ops that also split one
+    # example's work over threads only contend with them.
+    options.threading.max_intra_op_parallelism = 1
+    if config.num_threads:
+        options.threading.private_threadpool_size = config.num_threads
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
