@@ -205,9 +205,10 @@ class Harmonizer(keras.Model):
         return self.backbone(images, training=training)
 
     def _decayed_weights(self) -> list[keras.Variable]:
-        if not hasattr(self, "_decayed_weight_list"):
-            self._decayed_weight_list = losses.decayed_weights(self.backbone)
-        return self._decayed_weight_list
+        # Not cached in an attribute: Keras would track the list as this model's own
+        # variables, which reorders `trainable_variables` (and so the optimizer's slots in a
+        # checkpoint) and raises inside a replica context, where new state is locked.
+        return losses.decayed_weights(self.backbone)
 
     def _forward_and_saliency(self, images, targets):
         """Run the backbone in training mode; also return the saliency when it is trained."""

@@ -55,9 +55,6 @@ def _one_step(strategy, initial_weights):
             backbone, harmonization_weight=2.0, weight_decay=1e-3, label_smoothing=0.1
         )
         harmonizer.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), jit_compile=False)
-        # NOTE: Harmonizer caches its decayed weights on first use; that first use must not
-        # happen inside a replica context, where Keras rejects the new attribute.
-        harmonizer._decayed_weights()
     if initial_weights is not None:
         backbone.set_weights(initial_weights)
     start = backbone.get_weights()
@@ -164,3 +161,18 @@ def test_per_replica_batch_size_rejects_uneven(batch, replicas):
 def test_set_precision_rejects_float16():
     with pytest.raises(ValueError, match="float16"):
         distribute.set_precision("float16")
+
+
+def test_fit_keeps_trainable_variable_order():
+    """A fit step must not reorder variables, or optimizer slots restore into the wrong ones."""
+    import keras
+
+    from harmonizer import model as hmodel
+    from harmonizer import zoo
+
+    backbone = zoo.build("small_cnn", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, widths=(4,))
+    harmonizer = hmodel.Harmonizer(backbone, harmonization_weight=1.0, weight_decay=1e-3)
+    harmonizer.compile(optimizer=keras.optimizers.SGD(0.1), run_eagerly=True)
+    before = [v.path for v in harmonizer.trainable_variables]
+    harmonizer.fit(tf.data.Dataset.from_tensors(_batch()), verbose=0)
+    assert [v.path for v in harmonizer.trainable_variables] == before
