@@ -89,6 +89,12 @@ def main(argv: Sequence[str]) -> None:
     if tree.exists():
         shutil.rmtree(tree)
     num_maps = make_tree(tree, FLAGS.num_images)
+    # Import TensorFlow and TFDS now: the builder imports them on first use, which would
+    # charge several seconds to whichever worker count runs first.
+    import tensorflow  # noqa: F401
+
+    from harmonizer import records  # noqa: F401
+    from tfrecords import tfds_metadata  # noqa: F401
     print(
         f"tree: {FLAGS.num_images} images ({num_maps} with maps) in {tree}; "
         f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}"

@@ -263,3 +263,32 @@ def test_parse_num_shards(text: str, expected: dict[str, int]) -> None:
 def test_parse_num_shards_rejects_text() -> None:
     with pytest.raises(ValueError, match="--num_shards must be a count"):
         build.parse_num_shards("train=many", ["train"])
+
+
+def test_build_through_gfile_scheme() -> None:
+    """Read and write on TensorFlow's in-memory `ram://` file system, as for gs://."""
+    photos = vendored_photos()[:6]
+    for photo in photos:
+        folder = f"ram://gfile_test/in/train/{photo.parent.name}"
+        tf.io.gfile.makedirs(folder)
+        with tf.io.gfile.GFile(f"{folder}/{photo.name}", "wb") as f:
+            f.write(photo.read_bytes())
+    manifest = build.build(
+        build.BuildConfig(
+            input_dir="ram://gfile_test/in",
+            output_dir="ram://gfile_test/out",
+            splits=("train",),
+            num_shards={"train": 2},
+            show_progress=False,
+            tfds_metadata=False,
+        )
+    )
+    assert manifest["totals"]["examples"] == len(photos)
+    assert sorted(tf.io.gfile.listdir("ram://gfile_test/out")) == [
+        "manifest.json",
+        "train-00000-of-00002",
+        "train-00001-of-00002",
+    ]
+    report = verify.verify("ram://gfile_test/out")
+    assert report.errors == []
+    assert report.examples_read == len(photos)

@@ -27,16 +27,18 @@ Usage:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import posixpath
 import signal
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -172,33 +174,56 @@ class Plan:
 
 
 class _Runner:
-    """Maps a function over tasks in this process or in a pool, with a progress bar."""
+    """Maps a function over tasks in this process or in worker processes, with a progress bar.
+
+    A worker that dies (out of memory, a crash in a decoder) makes the build fail with
+    `BrokenProcessPool` instead of hanging.
+    """
+
+    # Tasks submitted ahead per worker: enough to keep workers busy, few enough that finished
+    # shards do not pile up in memory while this process writes.
+    TASKS_IN_FLIGHT_PER_WORKER = 2
 
     def __init__(self, num_workers: int, show_progress: bool) -> None:
         self._show_progress = show_progress
-        self._pool = None
+        self._num_workers = num_workers
+        self._executor = None
         if num_workers > 1:
             # spawn: workers start clean instead of inheriting TensorFlow's threads by fork.
-            self._pool = multiprocessing.get_context("spawn").Pool(num_workers)
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                num_workers, mp_context=multiprocessing.get_context("spawn")
+            )
 
     def map_unordered(
         self, function: Callable[[Any], Any], tasks: Sequence[Any], description: str, total: int
     ) -> Iterator[Any]:
-        results: Iterable[Any]
-        if self._pool is None:
-            results = map(function, tasks)
-        else:
-            results = self._pool.imap_unordered(function, tasks)
         progress = tqdm(total=total, desc=description, disable=not self._show_progress)
         with progress:
-            for result in results:
+            for result in self._results(function, tasks):
                 progress.update(_size(result))
                 yield result
 
+    def _results(self, function: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Any]:
+        if self._executor is None:
+            yield from map(function, tasks)
+            return
+        pending_tasks = iter(tasks)
+        in_flight: set[concurrent.futures.Future] = set()
+        limit = self._num_workers * self.TASKS_IN_FLIGHT_PER_WORKER
+        while True:
+            for task in itertools.islice(pending_tasks, limit - len(in_flight)):
+                in_flight.add(self._executor.submit(function, task))
+            if not in_flight:
+                return
+            done, in_flight = concurrent.futures.wait(
+                in_flight, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in done:
+                yield future.result()
+
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
 
 
 def _size(result: Any) -> int:

@@ -15,7 +15,6 @@ import io
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from scipy import ndimage
 
 MAP_SUFFIXES = (".png", ".npy")
 MAP_LEVELS = 255
@@ -115,6 +114,8 @@ def encode_map_png(
     if size is not None and (array.shape[1], array.shape[0]) != tuple(size):
         array = np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BILINEAR))
     if blur_sigma > 0:
+        from scipy import ndimage  # Imported on use: it slows every worker's start-up.
+
         array = ndimage.gaussian_filter(array, sigma=blur_sigma, mode="nearest")
     low, high = float(array.min()), float(array.max())
     scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
