@@ -94,7 +94,7 @@ def rank_maps(x: tf.Tensor) -> RankedMaps:
 
     One descending `tf.math.top_k` over all pixels sorts each row. Equal neighbours in the
     sorted order form tie groups, and segment reductions over all rows at once give each group's
-    first position and size. The ranks are scattered back to the original pixel order.
+    first position and size. The group ids are scattered back to the original pixel order.
     Non-finite pixels are ranked as 0 and the row is flagged in `finite`.
 
     Args:
@@ -129,22 +129,20 @@ def rank_maps(x: tf.Tensor) -> RankedMaps:
 
     group_first = tf.math.unsorted_segment_min(flat_positions, group_ids, total)
     group_size = tf.math.unsorted_segment_sum(tf.ones_like(flat_positions), group_ids, total)
-    first = tf.cast(tf.gather(group_first, group_ids), _RANK_DTYPE)
-    count = tf.cast(tf.gather(group_size, group_ids), _RANK_DTYPE)
+
+    # Scatter each pixel's group id from sorted order back to pixel order, then look up the
+    # group's first descending position and size.
+    row_offsets = tf.range(batch)[:, None] * size
+    destinations = tf.reshape(order + row_offsets, [-1, 1])
+    pixel_groups = tf.scatter_nd(destinations, group_ids, tf.reshape(total, [1]))
+    first = tf.cast(tf.reshape(tf.gather(group_first, pixel_groups), shape), _RANK_DTYPE)
+    tie_counts = tf.cast(tf.reshape(tf.gather(group_size, pixel_groups), shape), _RANK_DTYPE)
 
     # Position p (0-based, descending) has ascending rank N - p. A group spanning descending
     # positions first..first+count-1 therefore spans ascending ranks N-first-count+1..N-first,
     # whose mean is N - first - (count - 1) / 2.
     size_float = tf.cast(size, _RANK_DTYPE)
-    sorted_ranks = size_float - first - (count - 1.0) / 2.0
-
-    # Scatter from sorted order back to pixel order.
-    row_offsets = tf.range(batch)[:, None] * size
-    destinations = tf.reshape(order + row_offsets, [-1, 1])
-    ranks = tf.scatter_nd(destinations, sorted_ranks, tf.reshape(total, [1]))
-    tie_counts = tf.scatter_nd(destinations, count, tf.reshape(total, [1]))
-    ranks = tf.reshape(ranks, shape)
-    tie_counts = tf.reshape(tie_counts, shape)
+    ranks = size_float - first - (tie_counts - 1.0) / 2.0
 
     constant = tf.reduce_all(tf.equal(tie_counts, size_float), axis=1)
     return RankedMaps(ranks=ranks, tie_counts=tie_counts, constant=constant, finite=finite)
