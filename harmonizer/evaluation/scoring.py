@@ -113,7 +113,19 @@ class _Scorer:
         return gradient_saliency(self.model, images, labels, self.definitions, self.target)
 
     def _scores(self, saliencies, maps):
-        return tuple(metrics.map_scores(s, maps, self.fraction) for s in saliencies)
+        for saliency in saliencies:
+            if saliency.shape[1:] != maps.shape[1:]:
+                raise ValueError(
+                    f"saliency maps of model {self.model.name!r} have shape {saliency.shape} but "
+                    f"the human maps {maps.shape}; make the explainer return maps at the input "
+                    "image's resolution"
+                )
+        # The human maps are ranked once for every saliency definition.
+        ranked_maps = metrics.rank_maps(maps)
+        return tuple(
+            metrics.scores_from_ranks(metrics.rank_maps(s), ranked_maps, self.fraction)
+            for s in saliencies
+        )
 
     def _pipelined(self, images, labels, previous_saliencies, previous_maps):
         saliencies, logits = self._saliency(images, labels)
