@@ -15,6 +15,13 @@ that no one drew. A mixed example therefore keeps a map only when both of its so
 one: ``has_map = has_map[i] * has_map[perm[i]]``, and the map of an example whose flag drops
 to 0 is set to zeros. Mixed examples without a map still contribute their cross-entropy.
 
+Pairing: with a uniform permutation a fraction ``p`` of mapped examples would keep only ``p**2``
+mapped after mixing (ClickMe maps cover about 15% of ImageNet, so 2%). By default
+(``stratify_by_map=True``) the permutation therefore pairs mapped examples with mapped ones
+and unmapped with unmapped, uniformly at random within each group: the mapped fraction is
+unchanged and every mixed map is the blend of two real maps. ``stratify_by_map=False`` draws a
+uniform permutation, and the rule above decides the flags.
+
 Randomness is stateless: the weights and the permutation are a function of a ``[2]`` seed, and
 ``mixup_dataset`` derives that seed from the batch index, so a resumed run that skips ``n``
 batches sees the same mixing as an uninterrupted one.
@@ -65,12 +72,28 @@ def _as_one_hot(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
     )
 
 
+def mixing_permutation(has_map: tf.Tensor, seed: tf.Tensor, stratify_by_map: bool) -> tf.Tensor:
+    """Return a random permutation of the batch, within has-map groups when stratified.
+
+    Two independent random orders that list the unmapped examples before the mapped ones have
+    the same group at every position, so pairing position k of one with position k of the
+    other permutes uniformly within each group.
+    """
+    batch_size = tf.shape(has_map)[0]
+    first_seed, second_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    group = tf.cast(has_map > 0, tf.float32) if stratify_by_map else tf.zeros([batch_size])
+    first = tf.argsort(group + tf.random.stateless_uniform([batch_size], seed=first_seed))
+    second = tf.argsort(group + tf.random.stateless_uniform([batch_size], seed=second_seed))
+    return tf.scatter_nd(first[:, None], second, [batch_size])
+
+
 def mixup_batch(
     features: Features,
     labels: tf.Tensor,
     alpha: float,
     num_classes: int,
     seed: tf.Tensor,
+    stratify_by_map: bool = True,
 ) -> tuple[Features, tf.Tensor]:
     """Mix a batch with a permutation of itself.
 
@@ -81,6 +104,7 @@ def mixup_batch(
         alpha: Mixup concentration; ``lam ~ Beta(alpha, alpha)``.
         num_classes: Number of classes of the one-hot labels.
         seed: ``[2]`` integer tensor for the stateless sampling.
+        stratify_by_map: Pair mapped examples only with mapped ones (see the module docstring).
 
     Returns:
         ``(features, labels)`` with mixed images and maps, the has-map rule of the module
@@ -101,7 +125,7 @@ def mixup_batch(
 
     weight_seed, permutation_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     lam = sample_beta([batch_size], alpha, weight_seed)
-    permutation = tf.argsort(tf.random.stateless_uniform([batch_size], seed=permutation_seed))
+    permutation = mixing_permutation(has_map, permutation_seed, stratify_by_map)
 
     def mix(values: tf.Tensor) -> tf.Tensor:
         weight = tf.reshape(lam, [-1] + [1] * (values.shape.rank - 1))
@@ -118,7 +142,11 @@ def mixup_batch(
 
 
 def mixup_dataset(
-    dataset: tf.data.Dataset, alpha: float, num_classes: int, seed: int
+    dataset: tf.data.Dataset,
+    alpha: float,
+    num_classes: int,
+    seed: int,
+    stratify_by_map: bool = True,
 ) -> tf.data.Dataset:
     """Apply ``mixup_batch`` to every batch, seeded by ``(seed, batch index)``.
 
@@ -127,6 +155,7 @@ def mixup_dataset(
         alpha: Mixup concentration, > 0.
         num_classes: Number of classes.
         seed: Base seed of the run.
+        stratify_by_map: Pair mapped examples only with mapped ones.
 
     Returns:
         The mixed dataset, deterministic given ``seed`` and the order of the input batches.
@@ -137,6 +166,6 @@ def mixup_dataset(
     def mix(index, batch):
         features, labels = batch
         batch_seed = tf.stack([tf.constant(seed, tf.int64), index])
-        return mixup_batch(features, labels, alpha, num_classes, batch_seed)
+        return mixup_batch(features, labels, alpha, num_classes, batch_seed, stratify_by_map)
 
     return dataset.enumerate().map(mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -26,6 +26,16 @@ def _class_encoded_batch(has_map):
     return features, tf.constant(classes), classes
 
 
+def _partners(targets, classes):
+    """Decode the class each example was mixed with (its own class when mixed with itself)."""
+    partners = []
+    for i in range(BATCH):
+        weights = targets[i].copy()
+        weights[classes[i]] = 0.0
+        partners.append(int(np.argmax(weights)) if weights.max() > 1e-7 else int(classes[i]))
+    return partners
+
+
 def test_mixup_same_permutation_and_weight():
     has_map = np.ones(BATCH, np.float32)
     features, labels, classes = _class_encoded_batch(has_map)
@@ -52,26 +62,58 @@ def test_mixup_same_permutation_and_weight():
 
 
 def test_mixup_partners_form_permutation():
-    """Decode each example's partner from the image and check it is a permutation."""
+    """Decode each example's partner from its label and check they form a permutation."""
     has_map = np.ones(BATCH, np.float32)
     features, labels, classes = _class_encoded_batch(has_map)
     mixed, targets = augment.mixup_batch(
         features, labels, 1.0, NUM_CLASSES, tf.constant([3, 4], tf.int64)
     )
-    targets = targets.numpy()
-    partners = []
-    for i in range(BATCH):
-        weights = targets[i].copy()
-        weights[classes[i]] -= targets[i, classes[i]]
-        partners.append(int(np.argmax(weights)) if weights.max() > 1e-7 else int(classes[i]))
+    partners = _partners(targets.numpy(), classes)
     assert sorted(partners) == sorted(classes.tolist())
 
 
-def test_mixup_has_map_needs_both_maps():
+def test_mixup_stratified_keeps_map_flags():
+    has_map = np.array([1, 0, 1, 0, 1, 1, 0, 1], np.float32)
+    features, labels, classes = _class_encoded_batch(has_map)
+    class_has_map = dict(zip(classes.tolist(), has_map.tolist(), strict=True))
+    for seed in range(5):
+        mixed, targets = augment.mixup_batch(
+            features, labels, 1.0, NUM_CLASSES, tf.constant([seed, 11], tf.int64)
+        )
+        np.testing.assert_array_equal(mixed["has_map"], has_map)
+        partners = _partners(targets.numpy(), classes)
+        assert sorted(partners) == sorted(classes.tolist())
+        for i, partner in enumerate(partners):
+            assert class_has_map[partner] == has_map[i]
+
+
+def test_mixup_stratified_permutation_uniform_within_groups():
+    has_map = tf.constant([1.0, 0.0, 1.0, 1.0, 0.0])
+    draws = 2000
+    draw_all = tf.function(
+        lambda: tf.map_fn(
+            lambda seed: augment.mixing_permutation(has_map, tf.stack([seed, 0]), True),
+            tf.range(draws),
+        )
+    )
+    permutations = draw_all().numpy()
+    counts = np.zeros((5, 5))
+    for permutation in permutations:
+        counts[np.arange(5), permutation] += 1
+    mapped, unmapped = [0, 2, 3], [1, 4]
+    assert counts[np.ix_(mapped, unmapped)].sum() == 0
+    assert counts[np.ix_(unmapped, mapped)].sum() == 0
+    # 4 standard deviations of a frequency estimated from 2000 draws.
+    np.testing.assert_allclose(counts[np.ix_(mapped, mapped)] / draws, 1 / 3, atol=0.045)
+    np.testing.assert_allclose(counts[np.ix_(unmapped, unmapped)] / draws, 1 / 2, atol=0.045)
+
+
+def test_mixup_unstratified_has_map_needs_both_maps():
+    """A mapped image mixed with an unmapped one loses its map; the label is still mixed."""
     has_map = np.array([1, 0, 1, 0, 1, 1, 0, 1], np.float32)
     features, labels, classes = _class_encoded_batch(has_map)
     mixed, targets = augment.mixup_batch(
-        features, labels, 1.0, NUM_CLASSES, tf.constant([5, 6], tf.int64)
+        features, labels, 1.0, NUM_CLASSES, tf.constant([5, 6], tf.int64), stratify_by_map=False
     )
     targets = targets.numpy()
     class_has_map = dict(zip(classes.tolist(), has_map.tolist(), strict=True))
@@ -79,6 +121,9 @@ def test_mixup_has_map_needs_both_maps():
         sources = [int(c) for c in np.flatnonzero(targets[i] > 1e-7)]
         expected = float(all(class_has_map[c] for c in sources))
         assert mixed["has_map"][i].numpy() == expected
+        mixed_with_unmapped = len(sources) == 2 and expected == 0.0 and class_has_map[classes[i]]
+        if mixed_with_unmapped:
+            np.testing.assert_allclose(targets[i].sum(), 1.0, rtol=1e-6)
         if expected == 0.0:
             assert np.all(mixed["map"][i].numpy() == 0.0)
 
