@@ -1,9 +1,9 @@
 r"""Measure `tfrecords.build` throughput with 1 and 2 worker processes in one run.
 
 The input is a train tree of real JPEGs: the 140 vendored photos copied round-robin under new
-names until `--num_images` files exist, each copy made distinct by a JPEG comment segment (so the
-duplicate check keeps it) and the copies of the 41 cut-outs carrying their silhouette masks as
-map files. Each worker count builds into a fresh folder; the time covers the whole `build` call
+names until `--num_images` files exist. A JPEG comment segment makes each copy distinct, so the
+duplicate check keeps it. The copies of the 41 cut-outs carry their silhouette masks as map
+files. Each worker count builds into a fresh folder; the time covers the whole `build` call
 (listing, worker start-up, inspection, encoding, writing, manifest).
 
 Usage (run by hand, not a test):

@@ -54,7 +54,7 @@ def test_encode_map_png_is_min_max_scaled() -> None:
 
 
 def test_encode_map_png_keeps_standardized_map() -> None:
-    # The loss standardizes each map; min-max scaling to 8 bits changes that only by rounding.
+    # The loss standardizes each map, and min-max scaling to 8 bits changes that only by rounding.
     rng = np.random.default_rng(1)
     array = rng.gamma(2.0, size=(32, 32)).astype(np.float32)
     stored = np.asarray(Image.open(io.BytesIO(maps.encode_map_png(array))), dtype=np.float32)

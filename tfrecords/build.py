@@ -4,9 +4,9 @@ Stages, all restartable:
 
 1. List `input_dir/<split>/` (synset folders or flat `ILSVRC2012_val_*` files) and the map files
    under `maps_dir/<split>/`, joined to images by file stem.
-2. Inspect every image in worker processes: hash it, decode it fully (CMYK, grayscale and PNG
-   data are marked for conversion; empty, truncated and corrupt files are skipped) and check its
-   map (size, NaN or infinity, constant).
+2. Inspect every image in worker processes: hash it, decode it fully and check its map (size,
+   NaN or infinity, constant). CMYK, grayscale and PNG data are marked for conversion. Empty,
+   truncated and corrupt files are skipped.
 3. Drop byte-identical duplicates within a split (the first path in sorted order is kept),
    optionally join released ClickMe shards to the images (see `tfrecords.clickme`), shuffle each
    split with the seed and cut it into shards.
@@ -472,7 +472,7 @@ def _resume_from(
     if not same:
         if not config.overwrite:
             raise ValueError(
-                f"output_dir={config.output_dir!r} holds a build with other arguments or other "
+                f"output_dir={config.output_dir!r} contains a build with other arguments or other "
                 "input files; pass --overwrite to replace it, or choose another --output_dir"
             )
         for split in existing.get("splits", {}):
@@ -594,7 +594,7 @@ def build(config: BuildConfig) -> dict[str, Any]:
         The final manifest, as written to `output_dir/manifest.json`.
 
     Raises:
-        ValueError: if an argument is invalid, or `output_dir` holds another build and
+        ValueError: if an argument is invalid, or `output_dir` contains another build and
             `overwrite` is off.
         FileNotFoundError: if a split folder is missing.
     """

@@ -12,9 +12,9 @@ is counted in the report. Unmatched ClickMe examples are listed in the report, a
 `unmatched_clickme="write"` they are also written as standalone examples made from their own
 256-pixel image.
 
-NOTE: a 256 x 256 thumbnail is compared as a squash of the whole ImageNet image. If a released
-image was cropped rather than resized, it will correlate less and may stay unmatched; the
-report's best correlation per unmatched example shows how close it came.
+NOTE: the fingerprint treats a released image as a resize of the whole ImageNet image. A
+released image that was cropped instead correlates less and may stay unmatched. The report
+gives the best correlation of each unmatched example, which shows how close it came.
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
 """Image checks and conversion for the builder, by content and with Pillow only (no TensorFlow).
 
 ImageNet's files include CMYK JPEGs, PNG data under a `.JPEG` name, grayscale JPEGs and a few
-damaged files. `inspect_image` sniffs the bytes and fully decodes them, so a truncated file is
-caught before it is written; `to_rgb_jpeg` turns every readable image into an RGB JPEG.
+damaged files. `open_image` sniffs the bytes and fully decodes them, so a truncated file is
+caught before it is written. `to_rgb_jpeg` turns every readable image into an RGB JPEG.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import warnings
 
@@ -18,28 +17,6 @@ JPEG_QUALITY = 95
 
 class BadImageError(ValueError):
     """An image file that cannot be decoded; its message is the reason reported for the skip."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageInfo:
-    """What decoding an image file found.
-
-    Attributes:
-        format: Pillow's name of the encoded format (`JPEG`, `PNG`, ...).
-        mode: Pillow's pixel mode (`RGB`, `L`, `CMYK`, ...).
-        width: width in pixels.
-        height: height in pixels.
-    """
-
-    format: str
-    mode: str
-    width: int
-    height: int
-
-    @property
-    def is_rgb_jpeg(self) -> bool:
-        """Whether the bytes can be stored unchanged as an RGB JPEG."""
-        return self.format == "JPEG" and self.mode == "RGB"
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -63,18 +40,6 @@ def open_image(data: bytes) -> Image.Image:
     if image.width <= 0 or image.height <= 0:
         raise BadImageError(f"image has no pixels ({image.width}x{image.height})")
     return image
-
-
-def inspect_image(data: bytes) -> ImageInfo:
-    """Decode `data` and describe it.
-
-    Raises:
-        BadImageError: as `open_image`.
-    """
-    image = open_image(data)
-    return ImageInfo(
-        format=image.format or "unknown", mode=image.mode, width=image.width, height=image.height
-    )
 
 
 def stored_size(width: int, height: int, max_shorter_side: int) -> tuple[int, int]:

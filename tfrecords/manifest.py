@@ -1,9 +1,9 @@
 """The build manifest (`manifest.json` next to the shards) and shard checksums.
 
-The manifest holds the build arguments, a digest of the plan (which file goes to which shard
+The manifest contains the build arguments, a digest of the plan (which file goes to which shard
 and position), per split the counts per class and with maps and one entry per shard (examples,
 bytes, checksum), the skipped files and the unused maps with reasons, and the ClickMe join
-report. It holds no times or host names, so an interrupted and resumed build ends with the same
+report. It contains no times or host names, so an interrupted and resumed build ends with the same
 manifest as an uninterrupted one. It is rewritten (to a temporary name, then renamed) after each
 finished shard, which is what a rerun resumes from.
 

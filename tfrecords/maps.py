@@ -78,9 +78,9 @@ def check_map(array: np.ndarray, image_width: int, image_height: int) -> None:
     """Check a decoded map against its image.
 
     Raises:
-        BadMapError: if its size differs from the image's, it holds NaN or infinity, or it is
-            constant (an all-zero map says nothing about where the features are, and a
-            standardized constant map is undefined).
+        BadMapError: if its size differs from the image's, it contains NaN or infinity, or it
+            is constant. An all-zero map carries no ranking of pixels, and standardizing a
+            constant map divides by zero.
     """
     height, width = array.shape
     if (width, height) != (image_width, image_height):

@@ -1,9 +1,10 @@
 r"""Re-read the shards of a build and check them against `manifest.json`.
 
-Checks: the manifest says the build is complete; every shard exists, reads without a TFRecord
-CRC error and has the manifest's example count, map count and checksum; the labels per class
-and the map counts per split add up to the manifest's; and a sample of examples decodes (JPEG
-image with 3 channels, PNG map with 1 channel when `map/has_map` is 1, label in range).
+Checks, in order: the manifest marks the build complete. Every shard exists, reads without a
+TFRecord CRC error and has the manifest's example count, map count and checksum. The labels per
+class and the map counts of each split equal the manifest's. A random sample of examples
+decodes (JPEG image with 3 channels, PNG map with 1 channel when `map/has_map` is 1, label in
+range).
 
 Usage:
     python -m tfrecords.verify --records_dir=runs/tiny/records [--num_decode=64]
@@ -27,7 +28,7 @@ from tfrecords.labels import synsets
 
 @dataclasses.dataclass
 class VerifyReport:
-    """What `verify` found.
+    """Result of `verify`.
 
     Attributes:
         errors: one message per failed check; empty when the build is sound.
@@ -96,7 +97,9 @@ def verify(records_dir: str, num_decode: int = 64, seed: int = 0) -> VerifyRepor
         )
     report = VerifyReport()
     if not manifest.get("complete"):
-        report.errors.append("manifest says the build is not complete; rerun tfrecords.build")
+        report.errors.append(
+            "the manifest marks the build incomplete; rerun tfrecords.build to finish it"
+        )
     num_classes = len(synsets())
 
     shard_entries = []
@@ -145,7 +148,7 @@ def verify(records_dir: str, num_decode: int = 64, seed: int = 0) -> VerifyRepor
         ):
             if found != entry[field]:
                 report.errors.append(
-                    f"{entry['file']}: {field} is {found} but the manifest says {entry[field]}"
+                    f"{entry['file']}: {field} is {found} but the manifest records {entry[field]}"
                 )
 
     for split, summary in manifest["splits"].items():
@@ -153,7 +156,7 @@ def verify(records_dir: str, num_decode: int = 64, seed: int = 0) -> VerifyRepor
             report.errors.append(f"split {split}: examples per class differ from the manifest")
         if with_map[split] != summary["num_with_map"]:
             report.errors.append(
-                f"split {split}: {with_map[split]} examples with a map, manifest says "
+                f"split {split}: {with_map[split]} examples with a map, the manifest records "
                 f"{summary['num_with_map']}"
             )
     return report

@@ -27,10 +27,10 @@ class InspectTask:
 
 @dataclasses.dataclass(frozen=True)
 class Inspection:
-    """What checking one image file (and its map) found.
+    """Result of checking one image file and its map.
 
     Attributes:
-        index: the `InspectTask.index` this answers.
+        index: the `InspectTask.index` of the checked file.
         error: why the image cannot be used, or "" when it can.
         sha256: hex digest of the file bytes (duplicate detection); "" when unreadable.
         width: width of the decoded image in pixels.
@@ -191,7 +191,7 @@ def prepare_shard(
 
 @dataclasses.dataclass(frozen=True)
 class ClickMeInspection:
-    """What decoding one ClickMe example found.
+    """Result of decoding one ClickMe example.
 
     Attributes:
         error: why the example cannot be used, or "".
