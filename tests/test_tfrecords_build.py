@@ -292,3 +292,35 @@ def test_build_through_gfile_scheme() -> None:
     report = verify.verify("ram://gfile_test/out")
     assert report.errors == []
     assert report.examples_read == len(photos)
+
+
+@pytest.fixture()
+def three_class_records(three_class_tree: Path, tmp_path: Path) -> Path:
+    build.build(_three_class_config(three_class_tree, tmp_path))
+    return tmp_path
+
+
+def test_verify_detects_corrupt_shard(three_class_records: Path) -> None:
+    shard = three_class_records / "train-00001-of-00003"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    errors = verify.verify(str(three_class_records)).errors
+    assert any("train-00001-of-00003: corrupt TFRecord data" in e for e in errors), errors
+
+
+def test_verify_detects_missing_shard(three_class_records: Path) -> None:
+    (three_class_records / "train-00002-of-00003").unlink()
+    errors = verify.verify(str(three_class_records)).errors
+    assert "train-00002-of-00003: file missing" in errors
+    assert any("examples per class differ" in e for e in errors), errors
+
+
+def test_verify_detects_checksum_mismatch(three_class_records: Path) -> None:
+    manifest_path = three_class_records / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    errors = verify.verify(str(three_class_records)).errors
+    assert len(errors) == 1
+    assert errors[0].startswith("train-00000-of-00003: sha256 is ")

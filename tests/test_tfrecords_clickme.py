@@ -62,13 +62,19 @@ def clickme_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]
         if row.file not in held_out:
             write(root / "tree" / "train" / row.synset / photo.name, photo.read_bytes())
             expected_heatmap[photo.name] = index
+    # Two unusable examples: a label outside ImageNet-1k and image bytes that do not decode.
+    writers[0].write(_clickme_example(SOURCE_DIR / chosen[1].file, 1000, 40))
+    broken = tf.train.Example.FromString(_clickme_example(SOURCE_DIR / chosen[2].file, 5, 41))
+    broken.features.feature["image"].bytes_list.value[0] = b"not a JPEG"
+    writers[1].write(broken.SerializeToString())
     for writer in writers:
         writer.close()
     return {
         "root": root,
         "expected_heatmap": expected_heatmap,
-        "num_clickme": len(chosen),
+        "num_clickme": len(chosen) + 2,
         "num_held_out": len(held_out),
+        "num_unusable": 2,
     }
 
 
@@ -107,11 +113,16 @@ def _heatmap_index(map_png: bytes) -> int:
 def test_clickme_match_rate(clickme_setup, tmp_path: Path) -> None:
     manifest = build.build(_config(clickme_setup, tmp_path))
     report = manifest["clickme"]
-    matched = clickme_setup["num_clickme"] - clickme_setup["num_held_out"]
+    unmatched = clickme_setup["num_held_out"] + clickme_setup["num_unusable"]
+    matched = clickme_setup["num_clickme"] - unmatched
+    assert matched == len(clickme_setup["expected_heatmap"])
     assert report["num_examples"] == clickme_setup["num_clickme"]
     assert report["num_matched"] == matched
     assert report["match_rate"] == pytest.approx(matched / clickme_setup["num_clickme"])
-    assert len(report["unmatched"]) == clickme_setup["num_held_out"]
+    assert len(report["unmatched"]) == unmatched
+    reasons = " | ".join(row["reason"] for row in report["unmatched"])
+    assert "label 1000 is outside [0, 1000)" in reasons
+    assert "image: not a readable image" in reasons
 
 
 def test_clickme_heatmaps_reach_their_originals(clickme_setup, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from tfrecords import fingerprint, work
+from tfrecords import fingerprint, labels, work
 
 if TYPE_CHECKING:
     from tfrecords.build import BuildConfig, Candidate, _Runner
@@ -157,8 +157,12 @@ def join(
             images_by_label.setdefault(candidate.source.label, []).append(candidate)
     clickme_by_label: dict[int, list[ClickMeExample]] = {}
     unmatched: list[dict[str, Any]] = []
+    num_classes = len(labels.synsets())
     for example in examples:
-        if example.inspection.error:
+        if not 0 <= example.label < num_classes:
+            reason = f"label {example.label} is outside [0, {num_classes})"
+            unmatched.append(_unmatched(example, reason, None))
+        elif example.inspection.error:
             unmatched.append(_unmatched(example, example.inspection.error, None))
         else:
             clickme_by_label.setdefault(example.label, []).append(example)
@@ -194,7 +198,8 @@ def join(
     if config.unmatched_clickme == "write":
         unmatched_keys = {(row["file"], row["index"]) for row in unmatched}
         for example in examples:
-            if example.inspection.error or (example.file, example.index) not in unmatched_keys:
+            usable = not example.inspection.error and 0 <= example.label < num_classes
+            if not usable or (example.file, example.index) not in unmatched_keys:
                 continue
             standalone[example.split].append(
                 work.ExampleTask(
