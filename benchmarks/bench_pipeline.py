@@ -18,9 +18,9 @@ prefetch, and the same thread pool:
 
 * ``pipeline``: `harmonizer.data.build_dataset` (fused JPEG decode-and-crop, map cropped
   before it is converted, no per-example blur);
-* ``reference``: the work of the original ClickMe loader: decode the whole JPEG and PNG, resize
-  the map to its image, blur it with a 10 x 10 Gaussian, then take the same random-resized
-  crop and flip from the decoded tensors. It also runs as TensorFlow ops, not Python.
+* ``reference``: the per-example work of the original ClickMe loader. It decodes the whole JPEG
+  and PNG, resizes the map to its image and blurs it with a 10 x 10 Gaussian. Then it takes the
+  same random-resized crop and flip from the decoded tensors. It also runs as TensorFlow ops.
 
 Per-core throughput is measured with a private thread pool of ``--threads`` threads
 (default 1), so images/s divided by the thread count is images/s per core while the machine
@@ -130,7 +130,7 @@ def threading_options(threads: int) -> tf.data.Options:
 
 
 def reference_dataset(pattern: str, image_size: int, batch_size: int, threads: int):
-    """The reference loader, with the same dataset structure as `data.build_dataset`."""
+    """Build the reference loader, with the same dataset structure as `data.build_dataset`."""
     files = tf.data.Dataset.list_files(pattern, shuffle=True, seed=0)
     dataset = files.interleave(
         tf.data.TFRecordDataset,

@@ -14,7 +14,7 @@ For each variant (as in `benchmarks.bench_step`: ``plain``, ``full``, ``sub k=..
   2 or more the second-order pass that differentiates the saliency;
 * by op type, with oneDNN's ``_Mkl``/``_MklNative`` prefixes removed.
 
-Times are summed over threads, so they are CPU time, not wall time; the shares say which work
+Times are summed over threads, so they are CPU time, not wall time. The shares show which work
 to cut.
 """
 

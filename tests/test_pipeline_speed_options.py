@@ -38,7 +38,8 @@ def test_uint8_bilinear_resize_equals_float_resize_in_range():
     direct = tf.image.resize(pixels, [24, 24], method="bilinear").numpy()
     via_float = tf.image.resize(pixels.astype(np.float32), [24, 24], method="bilinear").numpy()
     np.testing.assert_array_equal(direct, via_float)
-    assert direct.min() >= 0.0 and direct.max() <= 255.0
+    assert direct.min() >= 0.0
+    assert direct.max() <= 255.0
 
 
 def test_map_values_match_float_crop_and_resize():
