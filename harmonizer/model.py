@@ -34,7 +34,7 @@ class BatchStatisticsReplay:
     sub-batch's own, and its momentum is set to 1 so that the moving averages are updated
     once per step, by the whole-batch pass. The stored moments are tensors of the first
     pass, so gradients with respect to the weights flow through them, while a tape that
-    watches only the sub-batch images sees them as constants.
+    watches only the sub-batch images treats them as constants.
 
     Both contexts act at trace time: they swap the layers' `batch_moments` method and
     `momentum` for the duration of one backbone call and restore them on exit.
