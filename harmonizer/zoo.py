@@ -124,6 +124,16 @@ def preprocessing_of(name_or_model: str | keras.Model) -> str:
     )
 
 
+def check_image_size(name: str, image_size: int) -> None:
+    """Raise ValueError when model ``name`` cannot be built at ``image_size`` pixels."""
+    spec = spec_of(name)
+    if image_size < spec.min_image_size or image_size % spec.image_size_multiple:
+        raise ValueError(
+            f"Model {name!r} needs image_size >= {spec.min_image_size} and a multiple of "
+            f"{spec.image_size_multiple}, got image_size={image_size}."
+        )
+
+
 def build(
     name: str,
     num_classes: int = 1000,
@@ -152,11 +162,7 @@ def build(
     spec = spec_of(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
-    if image_size < spec.min_image_size or image_size % spec.image_size_multiple:
-        raise ValueError(
-            f"Model {name!r} needs image_size >= {spec.min_image_size} and a multiple of "
-            f"{spec.image_size_multiple}, got image_size={image_size}."
-        )
+    check_image_size(name, image_size)
 
     backbone = spec.builder(num_classes=num_classes, image_size=image_size, **kwargs)
     for layer in all_layers(backbone):

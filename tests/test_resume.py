@@ -274,3 +274,39 @@ def test_scalar_summaries_every_step(runs, tag):
 def test_saliency_image_summaries(runs):
     steps = runs["summaries"]["images/input_saliency_map"]
     assert steps[:3] == [CHECKPOINT_EVERY, 2 * CHECKPOINT_EVERY, 3 * CHECKPOINT_EVERY]
+
+
+def test_launch_run_trains_then_finds_run_complete(tmp_path):
+    """The entrypoint's run path: mixup, checkpoints, validation, then a rerun that resumes."""
+    from harmonizer import launch, training
+
+    records_dir = tmp_path / "records"
+    records_dir.mkdir()
+    _write_records(records_dir / "train-00000-of-00001")
+    _write_records(records_dir / "val-00000-of-00001")
+    config = training.TrainConfig(
+        data_dir=str(records_dir),
+        model_dir=str(tmp_path / "run"),
+        model="small_cnn",
+        num_classes=NUM_CLASSES,
+        image_size=IMAGE_SIZE,
+        batch_size=BATCH,
+        epochs=2.0,
+        steps_per_epoch=2,
+        warmup_epochs=0.5,
+        learning_rate=0.05,
+        deterministic=True,
+        export=False,
+    )
+    options = launch.LaunchOptions(mixup_alpha=0.2, checkpoint_every=2, log_every=1, image_every=2)
+
+    first = launch.run(config, options)
+    assert first["resumed_from_step"] == 0
+    assert first["steps"] == 4
+    assert set(first["train"]) >= {"loss", "cross_entropy", "harmonization", "accuracy"}
+    assert "alignment" in first["validation"]
+    assert _latest_step(tmp_path / "run") == 4
+
+    second = launch.run(config, options)
+    assert second["resumed_from_step"] == 4
+    assert "train" not in second
