@@ -9,10 +9,11 @@
   seed and ``deterministic=True`` in ``harmonizer.data``), and it is advanced by the number of
   batches already trained.
 * It saves a checkpoint every ``checkpoint_every`` steps and at the end, keeping the newest
-  ``max_to_keep``. ``tf.train.CheckpointManager`` writes the checkpoint files first and then
-  replaces the ``checkpoint`` state file atomically (write to a temporary file, then rename),
-  so a process killed during a save leaves the state file naming the last complete
-  checkpoint; ``tests/test_resume.py`` kills a run at that point.
+  ``max_to_keep``. ``tf.train.CheckpointManager`` writes the checkpoint files first. Only then
+  does it replace the ``checkpoint`` state file, atomically on local disks (a temporary file,
+  then a rename) and as one object upload on GCS. A process killed during a save therefore
+  leaves the state file naming the last complete checkpoint, which ``tests/test_resume.py``
+  checks by killing a run at that point.
 * It stops at ``total_steps`` even when resumed mid-epoch, raises ``FloatingPointError``
   naming the step when the loss is not finite, logs progress with throughput, and writes
   TensorBoard scalars and saliency-versus-map images.

@@ -1,11 +1,11 @@
 """Long training runs: strategy, precision, mixup, schedule choice, checkpoints and resume.
 
 ``run(config, options)`` trains the ``TrainConfig`` of ``harmonizer.training`` the way a
-multi-day accelerator job needs: it selects the ``tf.distribute`` strategy, sets the precision
-policy, builds the model inside the strategy scope, applies mixup to the training batches, and
-trains with ``checkpointing.fit_resumable``, so rerunning the same command after a preemption
-continues from the last complete checkpoint. ``local_overrides`` shrinks a run to a few steps
-at a small image size so that an accelerator flagfile can be tried on a CPU.
+multi-day accelerator job needs. It selects the ``tf.distribute`` strategy, sets the precision
+policy, builds the model inside the strategy scope and applies mixup to the training batches.
+It trains with ``checkpointing.fit_resumable``, so rerunning the same command after a
+preemption continues from the last complete checkpoint. ``local_overrides`` shrinks a run to
+a few steps at a small image size so that an accelerator flagfile can be tried on a CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ LR_SCHEDULES = ("cosine", "piecewise")
 DEFAULT_DECAY_EPOCHS = (30.0, 50.0, 80.0)
 DEFAULT_DECAY_FACTOR = 0.1
 
-# What --local shrinks a run to: a few steps at a size every zoo model accepts.
+# Run size under --local: a few steps at an image size every zoo model accepts.
 LOCAL_IMAGE_SIZE = 64
 LOCAL_BATCH_SIZE = 8
 LOCAL_STEPS_PER_EPOCH = 4
