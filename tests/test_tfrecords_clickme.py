@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +120,10 @@ def test_clickme_match_rate(clickme_setup, tmp_path: Path) -> None:
     assert report["num_examples"] == clickme_setup["num_clickme"]
     assert report["num_matched"] == matched
     assert report["match_rate"] == pytest.approx(matched / clickme_setup["num_clickme"])
-    assert len(report["unmatched"]) == unmatched
-    reasons = " | ".join(row["reason"] for row in report["unmatched"])
+    assert report["num_unmatched"] == unmatched
+    rows = json.loads((tmp_path / report["unmatched_file"]).read_text())
+    assert len(rows) == unmatched
+    reasons = " | ".join(row["reason"] for row in rows)
     assert "label 1000 is outside [0, 1000)" in reasons
     assert "image: not a readable image" in reasons
 

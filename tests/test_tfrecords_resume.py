@@ -69,3 +69,7 @@ def test_killed_build_resumes_to_same_manifest(tmp_path: Path) -> None:
         name = f"val-{index:05d}-of-{NUM_SHARDS:05d}"
         assert (interrupted / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert verify.verify(str(interrupted), num_decode=10).errors == []
+
+    command = [sys.executable, "-m", "tfrecords.verify", f"--records_dir={interrupted}"]
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -449,8 +449,18 @@ def new_manifest(config: BuildConfig, plan: Plan) -> dict[str, Any]:
         "skipped": [dataclasses.asdict(skip) for skip in plan.skipped],
         "converted": [dataclasses.asdict(row) for row in plan.converted],
         "unused_maps": [dataclasses.asdict(issue) for issue in plan.unused_maps],
-        "clickme": plan.clickme_report,
+        "clickme": _clickme_summary(plan.clickme_report),
     }
+
+
+def _clickme_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Return the ClickMe report for the manifest: counts, with the rows in their own file."""
+    if report is None:
+        return None
+    summary = {key: value for key, value in report.items() if key != "unmatched"}
+    summary["num_unmatched"] = len(report["unmatched"])
+    summary["unmatched_file"] = manifest_lib.CLICKME_UNMATCHED_NAME
+    return summary
 
 
 def _resume_from(
@@ -560,6 +570,9 @@ def write_plan(config: BuildConfig, plan: Plan, runner: _Runner) -> dict[str, An
         for index, entry in enumerate(manifest["splits"][split]["shards"]):
             if entry is None:
                 jobs.append(((split, index), plan.shards[split][index]))
+    if plan.clickme_report is not None:
+        unmatched = plan.clickme_report["unmatched"]
+        manifest_lib.write_json(config.output_dir, manifest_lib.CLICKME_UNMATCHED_NAME, unmatched)
     resumed = sum(len(plan.shards[s]) for s in config.splits) - len(jobs)
     if resumed:
         logging.info("resuming: %d shards already finished in %s", resumed, config.output_dir)

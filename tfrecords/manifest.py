@@ -20,6 +20,9 @@ import struct
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
+# The list of unmatched ClickMe examples can be long, so it is written once, next to the
+# manifest, instead of with every rewrite of the manifest.
+CLICKME_UNMATCHED_NAME = "clickme_unmatched.json"
 FORMAT_VERSION = 1
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -67,11 +70,16 @@ def read_manifest(output_dir: str) -> dict[str, Any] | None:
         ) from error
 
 
-def write_manifest(output_dir: str, manifest: dict[str, Any]) -> None:
-    """Write the manifest to a temporary name, then rename it over `manifest.json`."""
+def write_json(output_dir: str, name: str, content: Any) -> None:
+    """Write `content` as JSON to a temporary name, then rename it over `output_dir/name`."""
     gfile = _gfile()
-    path = f"{output_dir.rstrip('/')}/{MANIFEST_NAME}"
+    path = f"{output_dir.rstrip('/')}/{name}"
     temporary = path + TEMPORARY_SUFFIX
     with gfile.GFile(temporary, "w") as f:
-        f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        f.write(json.dumps(content, indent=1, sort_keys=True) + "\n")
     gfile.rename(temporary, path, overwrite=True)
+
+
+def write_manifest(output_dir: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically (see `write_json`)."""
+    write_json(output_dir, MANIFEST_NAME, manifest)
