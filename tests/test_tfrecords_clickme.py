@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from harmonizer import records
-from tfrecords import build, clickme, fingerprint
+from tfrecords import build, clickme, fingerprint, labels
 from tfrecords.make_tiny import SOURCE_DIR, read_source_manifest
 from tfrecords.testing import jpeg_bytes, write
 
@@ -28,8 +28,11 @@ def _heatmap(index: int) -> Image.Image:
     return Image.fromarray(np.round(blob * 255).astype(np.uint8))
 
 
-def _clickme_example(photo: Path, label: int, index: int) -> bytes:
-    image = Image.open(photo).convert("RGB").resize((CLICKME_SIDE, CLICKME_SIDE))
+def _clickme_example(photo: Path, label: int, index: int, crop: bool = False) -> bytes:
+    image = Image.open(photo).convert("RGB")
+    if crop:
+        image = fingerprint.center_square(image)
+    image = image.resize((CLICKME_SIDE, CLICKME_SIDE))
     feature = {
         "image": tf.train.Feature(
             bytes_list=tf.train.BytesList(value=[jpeg_bytes(image, quality=75)])
@@ -52,6 +55,7 @@ def clickme_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]
     others = [row for row in photos if row.synset not in SYNSETS_WITH_SEVERAL_PHOTOS]
     chosen = several + others[: 30 - len(several)]
     held_out = {chosen[i].file for i in (0, 5, 9, 20, 29)}
+    cropped = {chosen[i].file for i in (3, 11, 17)}  # made from the central square
 
     expected_heatmap = {}  # image file name -> heatmap index
     paths = [root / "clickme" / f"clickme-{k:05d}-of-00002" for k in range(2)]
@@ -59,7 +63,8 @@ def clickme_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]
     writers = [tf.io.TFRecordWriter(str(p)) for p in paths]
     for index, row in enumerate(chosen):
         photo = SOURCE_DIR / row.file
-        writers[index % 2].write(_clickme_example(photo, row.class_index, index))
+        crop = row.file in cropped
+        writers[index % 2].write(_clickme_example(photo, row.class_index, index, crop))
         if row.file not in held_out:
             write(root / "tree" / "train" / row.synset / photo.name, photo.read_bytes())
             expected_heatmap[photo.name] = index
@@ -76,6 +81,7 @@ def clickme_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]
         "num_clickme": len(chosen) + 2,
         "num_held_out": len(held_out),
         "num_unusable": 2,
+        "cropped": {Path(file).name for file in cropped},
     }
 
 
@@ -99,6 +105,10 @@ def _examples(output: Path) -> list[dict[str, object]]:
         {key: value.numpy() for key, value in records.parse(s).items()}
         for s in tf.data.TFRecordDataset(paths)
     ]
+
+
+def _synset(example: dict[str, object]) -> str:
+    return labels.synsets()[int(example[records.LABEL_KEY])]
 
 
 def _heatmap_index(map_png: bytes) -> int:
@@ -126,6 +136,11 @@ def test_clickme_match_rate(clickme_setup, tmp_path: Path) -> None:
     reasons = " | ".join(row["reason"] for row in rows)
     assert "label 1000 is outside [0, 1000)" in reasons
     assert "image: not a readable image" in reasons
+    num_cropped = len(clickme_setup["cropped"])
+    assert report["num_matched_by_geometry"] == {
+        "resize": matched - num_cropped,
+        "center_crop": num_cropped,
+    }
 
 
 def test_clickme_heatmaps_reach_their_originals(clickme_setup, tmp_path: Path) -> None:
@@ -139,6 +154,14 @@ def test_clickme_heatmaps_reach_their_originals(clickme_setup, tmp_path: Path) -
         stored = Image.open(io.BytesIO(example[records.MAP_KEY]))
         assert stored.size == (CLICKME_SIDE, CLICKME_SIDE)
         assert _heatmap_index(example[records.MAP_KEY]) == clickme_setup["expected_heatmap"][name]
+
+        original = Image.open(clickme_setup["root"] / "tree" / "train" / _synset(example) / name)
+        image = Image.open(io.BytesIO(example[records.IMAGE_KEY]))
+        if name in clickme_setup["cropped"]:
+            assert original.width != original.height, name
+            assert image.size == (min(original.size),) * 2, name
+        else:
+            assert image.size == original.size, name
 
 
 def test_clickme_unmatched_written_standalone(clickme_setup, tmp_path: Path) -> None:
@@ -167,11 +190,18 @@ def test_fingerprint_survives_resize_and_reencode() -> None:
 
 def test_match_by_label_pairs_each_image_once() -> None:
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, 256, dtype=np.uint8).tobytes() for _ in range(3)]
+    thumbnails = [rng.integers(0, 256, 256, dtype=np.uint8).tobytes() for _ in range(4)]
+    # Image k has thumbnail k whole and thumbnail 3 as its central square, except image 2,
+    # whose central square is thumbnail 2 as well.
+    images = [thumbnails[0] + thumbnails[3], thumbnails[1] + thumbnails[3], thumbnails[2] * 2]
     # Two ClickMe examples copy image 1; only the first-ranked one may claim it.
-    matches, best = clickme.match_by_label([images[1], images[1], images[2]], images, 0.9)
-    assert matches == {0: 1, 2: 2}
-    np.testing.assert_allclose(best, [1.0, 1.0, 1.0], atol=1e-5)
+    queries = [thumbnails[1], thumbnails[1], thumbnails[2], thumbnails[3]]
+    matches, best = clickme.match_by_label(queries, images, 0.9)
+    assert matches[0] == (1, 0)
+    assert 1 not in matches
+    assert matches[2] == (2, 0)
+    assert matches[3] == (0, 1)
+    np.testing.assert_allclose(best, [1.0, 1.0, 1.0, 1.0], atol=1e-5)
 
 
 def test_match_by_label_without_images() -> None:

@@ -260,6 +260,7 @@ class Candidate:
     map_path: str = ""
     map_jpeg: bytes = b""
     map_source: str = "none"
+    center_square: bool = False
 
 
 def _select(
@@ -320,6 +321,7 @@ def _task(candidate: Candidate) -> work.ExampleTask:
         map_path=candidate.map_path,
         map_jpeg=candidate.map_jpeg,
         map_source=candidate.map_source,
+        center_square=candidate.center_square,
     )
 
 
@@ -341,7 +343,16 @@ def _plan_digest(shards: dict[str, list[list[work.ExampleTask]]], sha256: dict[s
             for task in shard:
                 image_id = sha256.get(task.path) or hashlib.sha256(task.image_bytes).hexdigest()
                 map_id = task.map_path or hashlib.sha256(task.map_jpeg).hexdigest()
-                row = [split, index, task.filename, task.label, image_id, map_id, task.map_source]
+                row = [
+                    split,
+                    index,
+                    task.filename,
+                    task.label,
+                    image_id,
+                    map_id,
+                    task.map_source,
+                    task.center_square,
+                ]
                 digest.update(json.dumps(row).encode("utf-8"))
     return digest.hexdigest()
 

@@ -12,9 +12,13 @@ is counted in the report. Unmatched ClickMe examples are listed in the report, a
 `unmatched_clickme="write"` they are also written as standalone examples made from their own
 256-pixel image.
 
-NOTE: the fingerprint treats a released image as a resize of the whole ImageNet image. A
-released image that was cropped instead correlates less and may stay unmatched. The report
-gives the best correlation of each unmatched example, which shows how close it came.
+Two geometries are tried: the released image as a resize of the whole ImageNet image, or as a
+resize of its central square. A match of the second kind stores only the central square of the
+image, so that image and heatmap keep one field of view. The report counts matches per geometry.
+
+NOTE: a released image made any other way (an off-centre crop, padding) correlates less and may
+stay unmatched. The report gives the best correlation of each unmatched example, which shows
+how close it came.
 """
 
 from __future__ import annotations
@@ -109,27 +113,41 @@ def match_by_label(
     clickme_fingerprints: list[bytes],
     image_fingerprints: list[bytes],
     min_correlation: float,
-) -> tuple[dict[int, int], np.ndarray]:
+) -> tuple[dict[int, tuple[int, int]], np.ndarray]:
     """Pair ClickMe examples with images of one label, best correlation first.
 
+    Args:
+        clickme_fingerprints: `fingerprint.thumbnail` of each ClickMe image.
+        image_fingerprints: `fingerprint.image_fingerprints` of each input image.
+        min_correlation: lowest correlation accepted as a match.
+
     Returns:
-        The image index of each matched ClickMe index, and the best correlation of every
-        ClickMe example with any image (-1 when there is no image).
+        For each matched ClickMe index, the image index and the geometry (an index into
+        `fingerprint.GEOMETRIES`) that matched. Also the best correlation of every ClickMe
+        example with any image and geometry (-1 when there is no image).
     """
     if not clickme_fingerprints or not image_fingerprints:
         return {}, np.full(len(clickme_fingerprints), -1.0)
-    correlation = (
-        fingerprint.normalized(clickme_fingerprints) @ fingerprint.normalized(image_fingerprints).T
+    clickme_rows = fingerprint.normalized(clickme_fingerprints)
+    per_geometry = np.stack(
+        [
+            clickme_rows
+            @ fingerprint.normalized(fingerprint.geometry_thumbnails(image_fingerprints, k)).T
+            for k in range(len(fingerprint.GEOMETRIES))
+        ]
     )
+    # For a square image both geometries agree, and argmax keeps the first (a resize).
+    correlation = per_geometry.max(axis=0)
+    geometry = per_geometry.argmax(axis=0)
     best = correlation.max(axis=1)
     rows, columns = np.nonzero(correlation >= min_correlation)
     order = np.argsort(-correlation[rows, columns], kind="stable")
-    matches: dict[int, int] = {}
+    matches: dict[int, tuple[int, int]] = {}
     taken: set[int] = set()
     for k in order:
         row, column = int(rows[k]), int(columns[k])
         if row not in matches and column not in taken:
-            matches[row] = column
+            matches[row] = (column, int(geometry[row, column]))
             taken.add(column)
     return matches, best
 
@@ -169,6 +187,7 @@ def join(
 
     num_matched = 0
     kept_file_map = 0
+    matched_by_geometry = dict.fromkeys(fingerprint.GEOMETRIES, 0)
     for label, group in sorted(clickme_by_label.items()):
         images = images_by_label.get(label, [])
         matches, best = match_by_label(
@@ -187,12 +206,15 @@ def join(
                 unmatched.append(_unmatched(example, reason, float(best[row])))
                 continue
             num_matched += 1
-            candidate = images[matches[row]]
+            column, geometry = matches[row]
+            matched_by_geometry[fingerprint.GEOMETRIES[geometry]] += 1
+            candidate = images[column]
             if candidate.map_path:
                 kept_file_map += 1
                 continue
             candidate.map_jpeg = example.heatmap_jpeg
             candidate.map_source = "clickme"
+            candidate.center_square = fingerprint.GEOMETRIES[geometry] == "center_crop"
 
     standalone: dict[str, list[work.ExampleTask]] = {split: [] for split in config.splits}
     if config.unmatched_clickme == "write":
@@ -218,6 +240,7 @@ def join(
         "num_examples": len(examples),
         "num_matched": num_matched,
         "match_rate": num_matched / len(examples) if examples else 0.0,
+        "num_matched_by_geometry": matched_by_geometry,
         "num_matched_image_kept_its_map_file": kept_file_map,
         "min_correlation": config.clickme_min_correlation,
         "unmatched_written": config.unmatched_clickme == "write",

@@ -52,24 +52,33 @@ def stored_size(width: int, height: int, max_shorter_side: int) -> tuple[int, in
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def to_rgb_jpeg(data: bytes, max_shorter_side: int = 0) -> tuple[bytes, str]:
+def to_rgb_jpeg(
+    data: bytes, max_shorter_side: int = 0, center_square: bool = False
+) -> tuple[bytes, str]:
     """Return `data` as RGB JPEG bytes and a note on what was changed.
 
-    An RGB JPEG that needs no resize comes back unchanged (note `""`), so ordinary ImageNet
-    files lose nothing. Anything else is decoded, converted to RGB (CMYK, grayscale, palette,
-    alpha dropped), resized if needed and encoded at quality `JPEG_QUALITY`.
+    An RGB JPEG that needs no resize or crop comes back unchanged (note `""`), so ordinary
+    ImageNet files lose nothing. Anything else is decoded, cropped to its central square if
+    `center_square`, converted to RGB (CMYK, grayscale, palette, alpha dropped), resized if
+    needed and encoded at quality `JPEG_QUALITY`.
 
     Raises:
         BadImageError: as `open_image`.
     """
     image = open_image(data)
+    source_format = image.format  # A crop or conversion returns an image without a format.
+    notes = []
+    if center_square and image.width != image.height:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        notes.append(f"cropped to the central {side}x{side} square")
     size = stored_size(image.width, image.height, max_shorter_side)
-    if image.format == "JPEG" and image.mode == "RGB" and size == image.size:
+    if source_format == "JPEG" and image.mode == "RGB" and size == image.size and not notes:
         return data, ""
 
-    notes = []
-    if image.format != "JPEG":
-        notes.append(f"{image.format} data re-encoded as JPEG")
+    if source_format != "JPEG":
+        notes.append(f"{source_format} data re-encoded as JPEG")
     if image.mode != "RGB":
         notes.append(f"{image.mode} converted to RGB")
         image = image.convert("RGB")

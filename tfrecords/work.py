@@ -37,7 +37,7 @@ class Inspection:
         height: height of the decoded image in pixels.
         note: what the image needs converting from ("" for an RGB JPEG).
         map_error: why the map cannot be used, or "" (also "" when there is no map).
-        fingerprint: `fingerprint.thumbnail` bytes, or b"" when not requested.
+        fingerprint: `fingerprint.image_fingerprints` bytes, or b"" when not requested.
     """
 
     index: int
@@ -53,7 +53,9 @@ class Inspection:
 @dataclasses.dataclass(frozen=True)
 class ExampleTask:
     """One example to write: the image comes from `path` or `image_bytes`, the map from
-    `map_path` (a PNG or NPY file), `map_jpeg` (a ClickMe heatmap) or nowhere."""
+    `map_path` (a PNG or NPY file), `map_jpeg` (a ClickMe heatmap) or nowhere. With
+    `center_square`, only the central square of the image is stored (the field of view of a
+    ClickMe heatmap made from a centre crop)."""
 
     filename: str
     label: int
@@ -65,6 +67,7 @@ class ExampleTask:
     map_path: str = ""
     map_jpeg: bytes = b""
     map_source: str = "none"
+    center_square: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +109,7 @@ def inspect_one(task: InspectTask) -> Inspection:
         notes.append(f"{image.format} data")
     if image.mode != "RGB":
         notes.append(f"{image.mode} pixels")
-    thumbnail = fingerprint.thumbnail(image) if task.want_fingerprint else b""
+    thumbnails = fingerprint.image_fingerprints(image) if task.want_fingerprint else b""
 
     map_error = ""
     if task.map_path:
@@ -124,7 +127,7 @@ def inspect_one(task: InspectTask) -> Inspection:
         height=image.height,
         note=", ".join(notes),
         map_error=map_error,
-        fingerprint=thumbnail,
+        fingerprint=thumbnails,
     )
 
 
@@ -143,11 +146,11 @@ def prepare_example(
     """
     data = task.image_bytes or read_bytes(task.path)
     size = images.stored_size(task.width, task.height, max_shorter_side)
-    if task.is_rgb_jpeg and size == (task.width, task.height):
+    if task.is_rgb_jpeg and size == (task.width, task.height) and not task.center_square:
         # Inspection already decoded these bytes in full, so they are stored unchanged.
         image_jpeg = data
     else:
-        image_jpeg, _ = images.to_rgb_jpeg(data, max_shorter_side)
+        image_jpeg, _ = images.to_rgb_jpeg(data, max_shorter_side, task.center_square)
 
     map_png = b""
     if task.map_path:
