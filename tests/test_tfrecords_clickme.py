@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from harmonizer import records
-from tfrecords import build, clickme, fingerprint, labels
+from tfrecords import build, clickme, fingerprint, images, labels
 from tfrecords.make_tiny import SOURCE_DIR, read_source_manifest
 from tfrecords.testing import jpeg_bytes, write
 
@@ -31,7 +31,7 @@ def _heatmap(index: int) -> Image.Image:
 def _clickme_example(photo: Path, label: int, index: int, crop: bool = False) -> bytes:
     image = Image.open(photo).convert("RGB")
     if crop:
-        image = fingerprint.center_square(image)
+        image = images.central_square(image)
     image = image.resize((CLICKME_SIDE, CLICKME_SIDE))
     feature = {
         "image": tf.train.Feature(
@@ -193,10 +193,14 @@ def test_match_by_label_pairs_each_image_once() -> None:
     thumbnails = [rng.integers(0, 256, 256, dtype=np.uint8).tobytes() for _ in range(4)]
     # Image k has thumbnail k whole and thumbnail 3 as its central square, except image 2,
     # whose central square is thumbnail 2 as well.
-    images = [thumbnails[0] + thumbnails[3], thumbnails[1] + thumbnails[3], thumbnails[2] * 2]
+    image_fingerprints = [
+        thumbnails[0] + thumbnails[3],
+        thumbnails[1] + thumbnails[3],
+        thumbnails[2] * 2,
+    ]
     # Two ClickMe examples copy image 1; only the first-ranked one may claim it.
     queries = [thumbnails[1], thumbnails[1], thumbnails[2], thumbnails[3]]
-    matches, best = clickme.match_by_label(queries, images, 0.9)
+    matches, best = clickme.match_by_label(queries, image_fingerprints, 0.9)
     assert matches[0] == (1, 0)
     assert 1 not in matches
     assert matches[2] == (2, 0)

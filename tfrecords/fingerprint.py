@@ -16,17 +16,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from tfrecords import images
+
 THUMBNAIL_SIDE = 16
 THUMBNAIL_BYTES = THUMBNAIL_SIDE * THUMBNAIL_SIDE
 GEOMETRIES = ("resize", "center_crop")
-
-
-def center_square(image: Image.Image) -> Image.Image:
-    """Return the largest square centred in `image`."""
-    side = min(image.size)
-    left = (image.width - side) // 2
-    top = (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
 
 
 def thumbnail(image: Image.Image) -> bytes:
@@ -37,7 +31,7 @@ def thumbnail(image: Image.Image) -> bytes:
 
 def image_fingerprints(image: Image.Image) -> bytes:
     """Return the thumbnails of `image` for each of `GEOMETRIES`, concatenated."""
-    return thumbnail(image) + thumbnail(center_square(image))
+    return thumbnail(image) + thumbnail(images.central_square(image))
 
 
 def geometry_thumbnails(fingerprints: list[bytes], geometry: int) -> list[bytes]:

@@ -42,6 +42,14 @@ def open_image(data: bytes) -> Image.Image:
     return image
 
 
+def central_square(image: Image.Image) -> Image.Image:
+    """Return the largest square centred in `image`."""
+    side = min(image.size)
+    left = (image.width - side) // 2
+    top = (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
 def stored_size(width: int, height: int, max_shorter_side: int) -> tuple[int, int]:
     """Return the (width, height) an image is stored at: shrunk so its shorter side is at most
     `max_shorter_side`, aspect ratio kept; `max_shorter_side=0` keeps the size."""
@@ -69,10 +77,8 @@ def to_rgb_jpeg(
     source_format = image.format  # A crop or conversion returns an image without a format.
     notes = []
     if center_square and image.width != image.height:
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        notes.append(f"cropped to the central {side}x{side} square")
+        image = central_square(image)
+        notes.append(f"cropped to the central {image.width}x{image.height} square")
     size = stored_size(image.width, image.height, max_shorter_side)
     if source_format == "JPEG" and image.mode == "RGB" and size == image.size and not notes:
         return data, ""
