@@ -376,6 +376,14 @@ def make_plan(config: BuildConfig, runner: _Runner) -> Plan:
         split: len(split_sources[split]) + sum(s.split == split for s in skipped)
         for split in config.splits
     }
+    for split in config.splits:
+        logging.info(
+            "split %s: %d files found under %s, %d map files indexed",
+            split,
+            files_found[split],
+            posixpath.join(config.input_dir, split),
+            len(map_indexes[split]),
+        )
 
     all_sources = [source for split in config.splits for source in split_sources[split]]
     map_paths = [map_indexes[s.split].get(s.stem, "") for s in all_sources]
@@ -496,6 +504,10 @@ def _resume_from(
                 f"output_dir={config.output_dir!r} contains a build with other arguments or other "
                 "input files; pass --overwrite to replace it, or choose another --output_dir"
             )
+        logging.warning(
+            "--overwrite: removing the shards of an earlier build with other arguments in %s",
+            config.output_dir,
+        )
         for split in existing.get("splits", {}):
             for path in tf.io.gfile.glob(f"{config.output_dir}/{split}-?????-of-?????"):
                 tf.io.gfile.remove(path)
