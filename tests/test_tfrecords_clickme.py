@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from harmonizer import records
-from tfrecords import build, clickme, fingerprint, images, labels
+from tfrecords import build, clickme, fingerprint, images, labels, verify
 from tfrecords.make_tiny import SOURCE_DIR, read_source_manifest
 from tfrecords.testing import jpeg_bytes, write
 
@@ -162,6 +162,15 @@ def test_clickme_heatmaps_reach_their_originals(clickme_setup, tmp_path: Path) -
             assert image.size == (min(original.size),) * 2, name
         else:
             assert image.size == original.size, name
+
+
+def test_clickme_build_verifies(clickme_setup, tmp_path: Path) -> None:
+    build.build(_config(clickme_setup, tmp_path))
+    assert verify.verify(str(tmp_path)).errors == []
+    (tmp_path / "clickme_unmatched.json").write_text("[]")
+    assert verify.verify(str(tmp_path)).errors == [
+        "clickme_unmatched.json: 0 rows but the manifest records 7 unmatched ClickMe examples"
+    ]
 
 
 def test_clickme_unmatched_written_standalone(clickme_setup, tmp_path: Path) -> None:

@@ -2,9 +2,9 @@ r"""Re-read the shards of a build and check them against `manifest.json`.
 
 Checks, in order: the manifest marks the build complete. Every shard exists, reads without a
 TFRecord CRC error and has the manifest's example count, map count and checksum. The labels per
-class and the map counts of each split equal the manifest's. A random sample of examples
-decodes (JPEG image with 3 channels, PNG map with 1 channel when `map/has_map` is 1, label in
-range).
+class and the map counts of each split equal the manifest's. The list of unmatched ClickMe
+examples, if any, has the manifest's length. A random sample of examples decodes (JPEG image
+with 3 channels, PNG map with 1 channel when `map/has_map` is 1, label in range).
 
 Usage:
     python -m tfrecords.verify --records_dir=runs/tiny/records [--num_decode=64]
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import posixpath
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -73,6 +75,24 @@ def _decode_check(features: dict[str, tf.Tensor], where: str, num_classes: int) 
         if source != "clickme" and map_image.shape[:2] != image.shape[:2]:
             problems.append(f"{where}: map is {map_image.shape[:2]} but image is {image.shape[:2]}")
     return problems
+
+
+def _check_clickme_list(records_dir: str, clickme: dict[str, Any] | None) -> list[str]:
+    """Check that the unmatched ClickMe list exists and has the manifest's length."""
+    if not clickme:
+        return []
+    path = posixpath.join(records_dir, clickme["unmatched_file"])
+    if not tf.io.gfile.exists(path):
+        return [f"{clickme['unmatched_file']}: file missing"]
+    with tf.io.gfile.GFile(path, "r") as f:
+        rows = json.loads(f.read())
+    if len(rows) != clickme["num_unmatched"]:
+        message = (
+            f"{clickme['unmatched_file']}: {len(rows)} rows but the manifest records "
+            f"{clickme['num_unmatched']} unmatched ClickMe examples"
+        )
+        return [message]
+    return []
 
 
 def verify(records_dir: str, num_decode: int = 64, seed: int = 0) -> VerifyReport:
@@ -151,6 +171,7 @@ def verify(records_dir: str, num_decode: int = 64, seed: int = 0) -> VerifyRepor
                     f"{entry['file']}: {field} is {found} but the manifest records {entry[field]}"
                 )
 
+    report.errors += _check_clickme_list(records_dir, manifest.get("clickme"))
     for split, summary in manifest["splits"].items():
         if dict(per_class[split]) != summary["examples_per_class"]:
             report.errors.append(f"split {split}: examples per class differ from the manifest")
