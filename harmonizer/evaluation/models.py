@@ -149,7 +149,7 @@ class LoadedModel:
 
         Args:
             images: [B, H, W, 3] raw RGB in [0, 255].
-            labels: int [B] target classes.
+            labels: int [B] target classes; -1 (unknown) explains the predicted class.
             definition: a reduction of `harmonizer.saliency.DEFINITIONS`; user explainers
                 return their own maps and ignore it.
         """
@@ -159,6 +159,10 @@ class LoadedModel:
             if maps.shape.rank == 4:
                 maps = hsaliency.reduce_saliency(maps, definition)
             return maps
+        labels = tf.cast(labels, tf.int32)
+        if bool(tf.reduce_any(labels < 0)):
+            predicted = tf.argmax(self.logits(images), axis=-1, output_type=tf.int32)
+            labels = tf.where(labels >= 0, labels, predicted)
         return hsaliency.saliency_maps(self.forward, images, labels, definition=definition)
 
     def describe(self) -> dict[str, Any]:
