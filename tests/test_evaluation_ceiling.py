@@ -13,7 +13,7 @@ SIDE = 12
 
 
 def _synthetic_participants(seed: int = 0):
-    """Three images; each participant sees the image's true map plus their own noise."""
+    """Three images. Each participant's map is the image's true map plus their own noise."""
     rng = np.random.default_rng(seed)
     pool = [f"p{index}" for index in range(6)]
     maps_by_image, ids_by_image = [], []

@@ -189,3 +189,13 @@ def test_explainer_spec_must_name_a_function():
         models.load_explainer("numpy")
     with pytest.raises(ValueError, match="has no function"):
         models.load_explainer("numpy:no_such_function")
+
+
+def test_released_table_names_known_architectures():
+    for file_name, entry in models.RELEASED_MODELS.items():
+        architecture = entry.architecture
+        if architecture.startswith("zoo:"):
+            assert architecture.removeprefix("zoo:") in zoo.names(), file_name
+        else:
+            assert architecture in models.APPLICATIONS, file_name
+        assert entry.preprocessing in models.PREPROCESSING_CHOICES, file_name
