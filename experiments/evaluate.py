@@ -56,7 +56,7 @@ flags.DEFINE_enum(
     None,
     list(models.PREPROCESSING_CHOICES),
     "Input preprocessing of a model that does not record it: "
-    + "; ".join(models.PREPROCESSING_CHOICES.values()),
+    + "; ".join(f"{name}: {text}" for name, text in models.PREPROCESSING_CHOICES.items()),
 )
 flags.DEFINE_string(
     "architecture",

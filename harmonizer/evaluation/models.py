@@ -39,7 +39,7 @@ from harmonizer import zoo
 
 NO_PREPROCESSING = "none"
 PREPROCESSING_CHOICES = {
-    NO_PREPROCESSING: "none: the model takes raw RGB in [0, 255] (it preprocesses inside)",
+    NO_PREPROCESSING: "the model takes raw RGB in [0, 255] (it preprocesses inside)",
     **hlayers.PREPROCESSING_MODES,
 }
 
