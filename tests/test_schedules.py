@@ -78,3 +78,51 @@ def test_warmup_cosine_round_trips_config():
 def test_warmup_cosine_rejects_bad_arguments(peak, warmup, total, message):
     with pytest.raises(ValueError, match=message):
         schedules.WarmupCosine(peak, warmup, total)
+
+
+DECAY_EPOCHS = (30, 50, 80)
+BOUNDARIES = [epoch * STEPS_PER_EPOCH for epoch in DECAY_EPOCHS]
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, 0.0),
+        (WARMUP - 1, PEAK * (WARMUP - 1) / WARMUP),
+        (WARMUP, PEAK),
+        (BOUNDARIES[0] - 1, PEAK),
+        (BOUNDARIES[0], PEAK * 0.1),
+        (BOUNDARIES[1] - 1, PEAK * 0.1),
+        (BOUNDARIES[1], PEAK * 0.01),
+        (BOUNDARIES[2], PEAK * 0.001),
+        (TOTAL - 1, PEAK * 0.001),
+        (TOTAL, PEAK * 0.001),
+    ],
+)
+def test_warmup_piecewise_table(step, expected):
+    schedule = schedules.WarmupPiecewise(PEAK, WARMUP, BOUNDARIES, 0.1)
+    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_warmup_piecewise_round_trips_config():
+    schedule = schedules.WarmupPiecewise(PEAK, WARMUP, BOUNDARIES, 0.1)
+    restored = keras.optimizers.schedules.deserialize(
+        keras.optimizers.schedules.serialize(schedule)
+    )
+    for step in (WARMUP // 2, BOUNDARIES[1] + 3):
+        assert float(restored(step)) == pytest.approx(float(schedule(step)))
+
+
+@pytest.mark.parametrize(
+    ("boundaries", "factor", "message"),
+    [
+        ([], 0.1, "boundaries"),
+        ([50, 30], 0.1, "boundaries"),
+        ([WARMUP - 1], 0.1, "boundaries"),
+        (BOUNDARIES, 1.0, "decay_factor"),
+        (BOUNDARIES, 0.0, "decay_factor"),
+    ],
+)
+def test_warmup_piecewise_rejects_bad_arguments(boundaries, factor, message):
+    with pytest.raises(ValueError, match=message):
+        schedules.WarmupPiecewise(PEAK, WARMUP, boundaries, factor)
