@@ -4,13 +4,18 @@ Example, on the tiny CPU dataset:
 
     python -m experiments.train --flagfile=experiments/tiny_cpu.flags \
         --data_dir=runs/tiny/records --model_dir=runs/tiny/harmonized
+
+The paper's runs on a Cloud TPU v4-8 have one flagfile each (`experiments/<model>_harmonized.flags`
+and `_baseline.flags`); WORKSPACE.md describes the workspace. Rerunning a command with the same
+--model_dir resumes from its newest checkpoint, and a finished run returns at once. --local
+shrinks any flagfile to a few steps at 64 px on a CPU.
 """
 
 from __future__ import annotations
 
 from absl import app, flags, logging
 
-from harmonizer import training
+from harmonizer import distribute, launch, training
 
 FLAGS = flags.FLAGS
 _DEFAULTS = training.TrainConfig(data_dir="", model_dir="")
@@ -51,6 +56,58 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_bool("export", _DEFAULTS.export, "Export .keras and SavedModel at the end.")
 
+_LAUNCH = launch.LaunchOptions()
+
+flags.DEFINE_string(
+    "tpu", _LAUNCH.tpu, "TPU name for TPUStrategy: 'local' on a TPU VM; empty for no TPU."
+)
+flags.DEFINE_enum(
+    "strategy",
+    _LAUNCH.strategy,
+    list(distribute.STRATEGIES),
+    "Distribution strategy; 'auto' picks TPU (with --tpu), multi-worker (TF_CONFIG), "
+    "mirrored (several GPUs) or the default strategy.",
+)
+flags.DEFINE_enum(
+    "precision",
+    _LAUNCH.precision,
+    sorted(distribute.PRECISIONS),
+    "Compute precision; bfloat16 sets the mixed_bfloat16 policy (for TPUs).",
+)
+flags.DEFINE_float("mixup_alpha", _LAUNCH.mixup_alpha, "Mixup Beta(alpha, alpha); 0 disables.")
+flags.DEFINE_enum(
+    "lr_schedule",
+    _LAUNCH.lr_schedule,
+    list(launch.LR_SCHEDULES),
+    "After the warm-up: 'cosine' decay to 0, or 'piecewise' decays at --lr_decay_epochs.",
+)
+flags.DEFINE_list(
+    "lr_decay_epochs",
+    [f"{epoch:g}" for epoch in _LAUNCH.lr_decay_epochs],
+    "Epochs at which the piecewise schedule multiplies the rate by --lr_decay_factor.",
+)
+flags.DEFINE_float(
+    "lr_decay_factor", _LAUNCH.lr_decay_factor, "Factor of each piecewise learning-rate decay."
+)
+flags.DEFINE_integer("checkpoint_every", _LAUNCH.checkpoint_every, "Steps between checkpoints.")
+flags.DEFINE_integer("keep_checkpoints", _LAUNCH.keep_checkpoints, "Newest checkpoints kept.")
+flags.DEFINE_integer(
+    "log_every", _LAUNCH.log_every, "Steps between progress lines and TensorBoard scalars."
+)
+flags.DEFINE_integer(
+    "image_every", _LAUNCH.image_every, "Steps between TensorBoard saliency-vs-map images."
+)
+flags.DEFINE_bool(
+    "sync_batch_norm",
+    _LAUNCH.sync_batch_norm,
+    "Compute batch-norm statistics over all replicas instead of per replica.",
+)
+flags.DEFINE_bool(
+    "local",
+    False,
+    "Shrink the run for a CPU: 64 px, batch 8, a few steps, default strategy, float32.",
+)
+
 
 def config_from_flags() -> training.TrainConfig:
     """Return the `TrainConfig` the flags describe."""
@@ -76,12 +133,39 @@ def config_from_flags() -> training.TrainConfig:
     )
 
 
+def options_from_flags() -> launch.LaunchOptions:
+    """Return the `LaunchOptions` the flags describe."""
+    try:
+        decay_epochs = tuple(float(epoch) for epoch in FLAGS.lr_decay_epochs)
+    except ValueError as error:
+        raise app.UsageError(
+            f"--lr_decay_epochs must be numbers, got {FLAGS.lr_decay_epochs}"
+        ) from error
+    return launch.LaunchOptions(
+        tpu=FLAGS.tpu,
+        strategy=FLAGS.strategy,
+        precision=FLAGS.precision,
+        mixup_alpha=FLAGS.mixup_alpha,
+        lr_schedule=FLAGS.lr_schedule,
+        lr_decay_epochs=decay_epochs,
+        lr_decay_factor=FLAGS.lr_decay_factor,
+        checkpoint_every=FLAGS.checkpoint_every,
+        keep_checkpoints=FLAGS.keep_checkpoints,
+        log_every=FLAGS.log_every,
+        image_every=FLAGS.image_every,
+        sync_batch_norm=FLAGS.sync_batch_norm,
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = config_from_flags()
-    results = training.train(config)
-    logging.info("done: %s", results.get("validation", results["train"]))
+    options = options_from_flags()
+    if FLAGS.local:
+        config, options = launch.local_overrides(config, options)
+    results = launch.run(config, options)
+    logging.info("done: %s", results.get("validation", results.get("train")))
 
 
 if __name__ == "__main__":
