@@ -43,13 +43,22 @@ flags.DEFINE_list(
     "Map coverages of the sweep (coverage 1.0 is the main run); empty for none.",
 )
 flags.DEFINE_bool("quick", False, "One seed, 1000/500 images, 250 steps, no sweep.")
+flags.DEFINE_bool(
+    "batch_norm", False, "Add BatchNorm to the CNN (off in the recipe) to show the mode gap."
+)
+flags.DEFINE_list("variants", list(_DEFAULTS.variants), "Variants to train: baseline, paper, abs.")
 
 
 def config_from_flags() -> shortcut_benchmark.BenchmarkConfig:
     """Return the benchmark configuration that the flags describe."""
     if FLAGS.quick:
         return shortcut_benchmark.BenchmarkConfig(
-            num_train=1000, num_test=500, steps=250, seeds=(0,), sweep_fractions=()
+            num_train=1000,
+            num_test=500,
+            steps=250,
+            seeds=(0,),
+            sweep_fractions=(),
+            batch_norm=FLAGS.batch_norm,
         )
     return shortcut_benchmark.BenchmarkConfig(
         num_train=FLAGS.num_train,
@@ -58,6 +67,8 @@ def config_from_flags() -> shortcut_benchmark.BenchmarkConfig:
         harmonization_weight=FLAGS.harmonization_weight,
         seeds=tuple(int(s) for s in FLAGS.seeds),
         sweep_fractions=tuple(float(f) for f in FLAGS.sweep_fractions),
+        variants=tuple(FLAGS.variants),
+        batch_norm=FLAGS.batch_norm,
     )
 
 
@@ -93,7 +104,10 @@ def main(argv):
 
         os.makedirs(FLAGS.figures_dir, exist_ok=True)
         train, test = shortcut_benchmark.generate_data(config, config.seeds[0])
-        paths = benchmark_figures.shortcut_figures(summary, models, train, test, FLAGS.figures_dir)
+        prefix = "shortcut_batchnorm" if config.batch_norm else "shortcut"
+        paths = benchmark_figures.shortcut_figures(
+            summary, models, train, test, FLAGS.figures_dir, prefix
+        )
         logging.info("figures: %s", ", ".join(paths))
 
 

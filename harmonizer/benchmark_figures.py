@@ -76,8 +76,13 @@ def _bar_panel(axis, summary: list[dict], key: str, title: str) -> None:
     axis.axhline(0.0, color="black", linewidth=0.5)
 
 
-def shortcut_figures(summary, models, train, test, directory: str) -> list[str]:
-    """Write the shortcut benchmark's bar chart and saliency examples; return the paths."""
+def shortcut_figures(
+    summary, models, train, test, directory: str, prefix: str = "shortcut"
+) -> list[str]:
+    """Write the shortcut benchmark's bar chart and saliency examples; return the paths.
+
+    The files are ``<prefix>_summary.png`` and ``<prefix>_saliency.png``.
+    """
     del train  # The examples come from the test split, where the patch is random.
     paths = []
 
@@ -87,7 +92,7 @@ def shortcut_figures(summary, models, train, test, directory: str) -> list[str]:
     _bar_panel(axes[2], summary, "signed_mean/inference", "alignment, signed mean (inference)")
     figure.suptitle("Shortcut benchmark: mean and sample std over seeds", fontsize=10)
     figure.tight_layout()
-    path = os.path.join(directory, "shortcut_summary.png")
+    path = os.path.join(directory, f"{prefix}_summary.png")
     figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     paths.append(path)
@@ -100,8 +105,24 @@ def shortcut_figures(summary, models, train, test, directory: str) -> list[str]:
             test.maps[:count],
             test.labels[:count],
             full_coverage,
-            os.path.join(directory, "shortcut_saliency.png"),
+            os.path.join(directory, f"{prefix}_saliency.png"),
             "Shortcut test images (patch colour random): saliency of each variant, seed 0",
         )
     )
     return paths
+
+
+def psychophysics_plot(reports: dict[str, dict], path: str, title: str) -> str:
+    """Plot the raw accuracy curve of each psychophysics report against the revealed share."""
+    figure, axis = plt.subplots(figsize=(5, 3.4))
+    for name, report in reports.items():
+        axis.plot(report["levels_percent"], report["accuracy"], marker="o", label=name)
+    axis.set_xscale("log")
+    axis.set_xlabel("pixels revealed (%), top of the silhouette map first")
+    axis.set_ylabel("animal / non-animal accuracy")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=FIGURE_DPI)
+    plt.close(figure)
+    return path
