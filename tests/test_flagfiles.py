@@ -118,6 +118,7 @@ def test_local_shrink_validates(path, parse_flags, data_dir):
     config, options = launch.local_overrides(config, options)
     _validate(config, options)
     assert config.image_size == launch.LOCAL_IMAGE_SIZE
+    assert config.learning_rate == pytest.approx(0.3 * launch.LOCAL_BATCH_SIZE / 512)
     assert options.tpu == ""
     assert options.precision == "float32"
     assert options.lr_decay_epochs == pytest.approx((30 / 45, 50 / 45, 80 / 45))
