@@ -176,3 +176,32 @@ def test_fit_keeps_trainable_variable_order():
     before = [v.path for v in harmonizer.trainable_variables]
     harmonizer.fit(tf.data.Dataset.from_tensors(_batch()), verbose=0)
     assert [v.path for v in harmonizer.trainable_variables] == before
+
+
+def test_bfloat16_harmonized_step_keeps_float32_losses():
+    """Under mixed_bfloat16 the weights, statistics, logits and losses stay float32."""
+    import keras
+
+    from harmonizer import layers as hlayers
+    from harmonizer import model as hmodel
+    from harmonizer import zoo
+
+    try:
+        assert distribute.set_precision("bfloat16") == "mixed_bfloat16"
+        backbone = zoo.build("small_cnn", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE)
+        harmonizer = hmodel.Harmonizer(backbone, harmonization_weight=1.0, weight_decay=1e-4)
+        harmonizer.compile(optimizer=keras.optimizers.SGD(0.01), run_eagerly=True)
+        logs = harmonizer.fit(tf.data.Dataset.from_tensors(_batch()), verbose=0).history
+    finally:
+        distribute.set_precision("float32")
+
+    assert backbone.get_layer(zoo.PREPROCESSING_LAYER_NAME).compute_dtype == "float32"
+    inner = backbone.layers[-1]
+    norms = [layer for layer in inner.layers if isinstance(layer, hlayers.ExactBatchNormalization)]
+    assert norms
+    assert all(layer.compute_dtype == "bfloat16" for layer in norms)
+    assert all(layer.moving_variance.dtype == "float32" for layer in norms)
+    assert all(v.dtype == "float32" for v in backbone.trainable_variables)
+    for name in ("loss", "cross_entropy", "harmonization"):
+        assert np.isfinite(logs[name][-1]), name
+    assert logs["harmonization"][-1] > 0

@@ -310,3 +310,28 @@ def test_launch_run_trains_then_finds_run_complete(tmp_path):
     second = launch.run(config, options)
     assert second["resumed_from_step"] == 4
     assert "train" not in second
+
+
+def test_nan_loss_stops_run_naming_step(tmp_path):
+    import keras
+
+    from harmonizer import checkpointing, zoo
+    from harmonizer.model import Harmonizer
+
+    backbone = zoo.build("small_cnn", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, widths=(4,))
+    model = Harmonizer(backbone, harmonization_weight=1.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), run_eagerly=True)
+    features = {
+        "image": np.full((BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), np.nan, "float32"),
+        "map": np.ones((BATCH, IMAGE_SIZE, IMAGE_SIZE), "float32"),
+        "has_map": np.ones(BATCH, "float32"),
+    }
+    labels = np.zeros(BATCH, "int32")
+    dataset = tf.data.Dataset.from_tensors((features, labels)).repeat()
+    schedule = checkpointing.RunSchedule(
+        total_steps=3, steps_per_epoch=3, global_batch_size=BATCH, checkpoint_every=1
+    )
+    with pytest.raises(FloatingPointError, match="at step 1 "):
+        checkpointing.fit_resumable(model, dataset, str(tmp_path), schedule)
+    # No checkpoint of the diverged weights was written.
+    assert _latest_step(tmp_path) is None
