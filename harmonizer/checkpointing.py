@@ -346,6 +346,7 @@ class SaliencySummaries(keras.callbacks.Callback):
         self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
 
     def _write(self):
+        # NOTE: this runs the model eagerly outside the replica context; tested on CPU only.
         backbone = getattr(self.model, "backbone", self.model)
         panels = saliency_panels(backbone, self.features, self.labels)
         with self.writer.as_default(step=current_step(self.model)):
