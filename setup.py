@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "scipy==1.17.1",
     "pillow==13.0.0",
+    "tqdm==4.70.1",
 ]
 
 EXTRAS_REQUIRE = {

@@ -87,7 +87,9 @@ def serialize(record: Record) -> bytes:
         HAS_MAP_KEY: _int64_feature(int(record.has_map)),
         MAP_SOURCE_KEY: _bytes_feature(record.map_source.encode("utf-8")),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    # Deterministic map ordering, so the same record gives the same bytes in every process.
+    return example.SerializeToString(deterministic=True)
 
 
 def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
