@@ -1,13 +1,19 @@
 """A generated image-classification task with a spurious cue, to test harmonization on a CPU.
 
-Each image shows one object on a cluttered background. The class is the object's shape (disk,
-square, cross, triangle, ring, diamond, ...), drawn at a random position and size, in a random
-colour with a noise texture. Clutter is random rectangles and line segments of random colours,
-drawn before the object. A small patch in the top-left corner is painted with one of
-``num_classes`` palette colours. In a *biased* split the patch colour is the label's palette
-colour for a fraction ``shortcut_rate`` of the images, so the patch predicts the label; in an
-*unbiased* split it is drawn independently of the label. A classifier that reads the patch is
-right on the biased split and at chance on the unbiased one.
+Each image shows one object on a cluttered background. The class is the object's texture
+(horizontal, vertical or diagonal stripes, checkerboard, ...: `TEXTURES`) in two random tones
+of moderate contrast plus noise. The object's silhouette (disk, square or diamond) and its
+position and size are random and carry no class information. Clutter is random rectangles and
+line segments of random colours, drawn before the object. A small patch in the top-left corner
+is painted with one of ``num_classes`` palette colours. In a *biased* split the patch colour is
+the label's colour for a fraction ``shortcut_rate`` of the images, so the patch predicts the
+label. In an *unbiased* split it is drawn independently of the label. A classifier that reads
+only the patch is right on the biased split and at chance on the unbiased one.
+
+The texture contrast is set so that the patch is the easier cue: with the defaults of
+`harmonizer.shortcut_benchmark`, a small CNN trained on the biased split is at chance on the
+unbiased split, while the same CNN trained on an unbiased split learns the textures (0.82
+test top-1 in one check, seed 0).
 
 The map of each image is its object mask (1 on the object, 0 elsewhere): the feature-importance
 map a human would draw for this task, by construction. It never marks the corner patch.
@@ -49,7 +55,7 @@ class ShortcutConfig:
 
     Attributes:
         image_size: side of the square images in pixels.
-        num_classes: number of shapes (and patch colours), at most ``len(SHAPES)``.
+        num_classes: number of textures (and patch colours), at most ``len(TEXTURES)``.
         object_size_range: inclusive range of the object's bounding-box side in pixels.
         patch_size: side of the corner patch in pixels.
         clutter_count: number of clutter items per image.
@@ -66,8 +72,8 @@ class ShortcutConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
-        if not 2 <= self.num_classes <= len(SHAPES):
-            raise ValueError(f"num_classes must be in [2, {len(SHAPES)}], got {self.num_classes}")
+        if not 2 <= self.num_classes <= len(TEXTURES):
+            raise ValueError(f"num_classes must be in [2, {len(TEXTURES)}], got {self.num_classes}")
         low, high = self.object_size_range
         if not 5 <= low <= high:
             raise ValueError(
@@ -95,7 +101,7 @@ class ShortcutSplit:
     Attributes:
         images: uint8 [N, S, S, 3] RGB.
         maps: float32 [N, S, S] object masks in {0, 1}.
-        labels: int32 [N] shape classes.
+        labels: int32 [N] texture classes (indices into `TEXTURES`).
         patch_classes: int32 [N] the class whose palette colour the corner patch shows.
     """
 

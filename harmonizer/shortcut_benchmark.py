@@ -4,7 +4,8 @@ Every variant is trained identically (same data, initial weights, batch order, o
 number of steps for a given seed); only the loss differs:
 
 * ``baseline``: cross-entropy only.
-* ``paper``: cross-entropy plus the paper's harmonization term on the signed saliency.
+* ``paper``: cross-entropy plus the harmonization term of Fel et al. (NeurIPS 2022) on the
+  signed saliency.
 * ``abs``: cross-entropy plus the same term on the absolute saliency
   (`harmonizer.losses_extra.SaliencyDefinitionHarmonizer` with ``abs_max``).
 

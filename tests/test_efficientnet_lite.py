@@ -153,8 +153,8 @@ def test_port_matches_numpy_reference(model, state_dict):
     keras_logits = np.asarray(model(images, training=False))
     for image, logits in zip(images, keras_logits, strict=True):
         reference = _reference_logits(image, state_dict)
-        scale = np.abs(reference).max()
-        np.testing.assert_allclose(logits, reference, atol=1e-3 * scale)
+        # float32 Keras vs float64 NumPy: measured differences are about 5e-6 on logits ~10.
+        np.testing.assert_allclose(logits, reference, atol=1e-4)
         assert logits.argmax() == reference.argmax()
 
 
