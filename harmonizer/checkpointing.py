@@ -411,6 +411,9 @@ def fit_resumable(
 ) -> tuple[keras.callbacks.History | None, int]:
     """Train ``model`` to ``schedule.total_steps``, resuming from ``model_dir`` if possible.
 
+    Call it inside the ``scope()`` of the model's distribution strategy, because restoring
+    builds the optimizer's slot variables.
+
     Args:
         model: A compiled model whose learning rate depends only on ``optimizer.iterations``.
         train_data: The repeated, deterministic training dataset, or a function

@@ -201,9 +201,6 @@ def run(config: training.TrainConfig, options: LaunchOptions) -> dict:
         )
     image_batch = next(iter(validation_data if validation_data is not None else train_data))
 
-    with strategy.scope():
-        model = _build_model(config, options, steps_per_epoch)
-
     schedule = checkpointing.RunSchedule(
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
@@ -213,14 +210,17 @@ def run(config: training.TrainConfig, options: LaunchOptions) -> dict:
         log_every=options.log_every,
         image_every=options.image_every,
     )
-    history, start_step = checkpointing.fit_resumable(
-        model,
-        train_data,
-        config.model_dir,
-        schedule,
-        validation_data=validation_data,
-        image_batch=image_batch,
-    )
+    # Restoring builds the optimizer's slot variables, which must be created in the scope too.
+    with strategy.scope():
+        model = _build_model(config, options, steps_per_epoch)
+        history, start_step = checkpointing.fit_resumable(
+            model,
+            train_data,
+            config.model_dir,
+            schedule,
+            validation_data=validation_data,
+            image_batch=image_batch,
+        )
 
     results = {
         "config": dataclasses.asdict(config),

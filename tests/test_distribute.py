@@ -4,6 +4,7 @@ The two-replica comparison runs in a subprocess, because the CPU must be split i
 devices before TensorFlow initializes, which other tests in this process have already done.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -83,9 +84,45 @@ def worker() -> None:
                 "replicas": mirrored.num_replicas_in_sync,
                 "single": [single_logs, single_gradients],
                 "mirrored": [mirrored_logs, mirrored_gradients],
+                "resumed_from": _mirrored_launch_resume(),
             }
         )
     )
+
+
+def _mirrored_launch_resume() -> list[int]:
+    """Run launch.run on two replicas for 2 steps, then extend it to 4; return start steps."""
+    import tempfile
+    from pathlib import Path
+
+    from harmonizer import launch, training
+    from tests import test_resume
+
+    root = Path(tempfile.mkdtemp())
+    records_dir = root / "records"
+    records_dir.mkdir()
+    test_resume._write_records(records_dir / "train-00000-of-00001")
+    config = training.TrainConfig(
+        data_dir=str(records_dir),
+        model_dir=str(root / "run"),
+        model="small_cnn",
+        num_classes=NUM_CLASSES,
+        image_size=IMAGE_SIZE,
+        batch_size=4,
+        epochs=1.0,
+        steps_per_epoch=2,
+        warmup_epochs=0.5,
+        learning_rate=0.05,
+        deterministic=True,
+        export=False,
+    )
+    options = launch.LaunchOptions(
+        strategy="mirrored", mixup_alpha=0.2, checkpoint_every=2, sync_batch_norm=True
+    )
+    starts = [launch.run(config, options)["resumed_from_step"]]
+    longer = dataclasses.replace(config, epochs=2.0)
+    starts.append(launch.run(longer, options)["resumed_from_step"])
+    return starts
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +141,11 @@ def two_replica_result():
 
 def test_mirrored_runs_two_replicas(two_replica_result):
     assert two_replica_result["replicas"] == 2
+
+
+def test_mirrored_launch_resumes_from_checkpoint(two_replica_result):
+    """Restoring optimizer slots on two replicas: the extended run starts at step 2."""
+    assert two_replica_result["resumed_from"] == [0, 2]
 
 
 @pytest.mark.parametrize("name", LOGGED)
