@@ -32,7 +32,6 @@ NUM_RECORDS = 12
 KILL_AFTER_STEP = 6
 # Checkpoint during whose save the second run is killed.
 KILL_IN_SAVE_STEP = 8
-STEP_DELAY_SECONDS = 0.5
 PROCESS_TIMEOUT_SECONDS = 240
 
 
@@ -58,8 +57,12 @@ def _write_records(path: Path) -> None:
             writer.write(records.serialize(record))
 
 
-def worker(model_dir: str, pause_in_save_step: int) -> None:
-    """Subprocess entry point: train, resuming from ``model_dir``; print one line per step."""
+def worker(model_dir: str, pause_in_save_step: int, pause_after_step: int) -> None:
+    """Subprocess entry point: train, resuming from ``model_dir``; print one line per step.
+
+    The worker sleeps, waiting to be killed, inside the save of checkpoint
+    ``pause_in_save_step`` or after step ``pause_after_step`` (-1 for neither).
+    """
     import keras
 
     from harmonizer import checkpointing, data, zoo
@@ -96,8 +99,10 @@ def worker(model_dir: str, pause_in_save_step: int) -> None:
             print(f"BEGIN {step} {rate!r}", flush=True)
 
         def on_train_batch_end(self, batch, logs=None):
-            print(f"STEP {checkpointing.current_step(self.model)}", flush=True)
-            time.sleep(STEP_DELAY_SECONDS)
+            step = checkpointing.current_step(self.model)
+            print(f"STEP {step}", flush=True)
+            if step == pause_after_step:
+                time.sleep(PROCESS_TIMEOUT_SECONDS)
 
     def pause_in_save(save_path):
         # Runs after the checkpoint files are written, before the state file names them.
@@ -129,10 +134,11 @@ def worker(model_dir: str, pause_in_save_step: int) -> None:
     print(f"DONE {start} {checkpointing.current_step(model)}", flush=True)
 
 
-def _start(model_dir: Path, pause_in_save_step: int = -1) -> subprocess.Popen:
-    command = (
-        f"from tests import test_resume as t; t.worker({str(model_dir)!r}, {pause_in_save_step})"
-    )
+def _start(
+    model_dir: Path, pause_in_save_step: int = -1, pause_after_step: int = -1
+) -> subprocess.Popen:
+    arguments = f"{str(model_dir)!r}, {pause_in_save_step}, {pause_after_step}"
+    command = f"from tests import test_resume as t; t.worker({arguments})"
     # stderr goes to a file, because an unread pipe could fill up and block the worker.
     stderr = open(model_dir / "worker.log", "a")  # noqa: SIM115 - closed by the child's exit
     return subprocess.Popen(
@@ -207,7 +213,7 @@ def runs(tmp_path_factory):
     reference = _start(reference_dir)
     log = {}
 
-    first = _start(resumed_dir, KILL_IN_SAVE_STEP)
+    first = _start(resumed_dir, KILL_IN_SAVE_STEP, KILL_AFTER_STEP)
     log["first"] = _read_until(first, lambda line: line == f"STEP {KILL_AFTER_STEP}", resumed_dir)
     _kill(first)
     log["latest_after_first_kill"] = _latest_step(resumed_dir)
