@@ -324,3 +324,36 @@ def test_reader_rejects_view_past_storage(tmp_path, monkeypatch):
     _write_legacy_checkpoint(path, monkeypatch, {"0": np.zeros(6, np.float32)}, tensors)
     with pytest.raises(ValueError, match="reaches element 10"):
         torch_checkpoint.load_state_dict(path)
+
+
+def test_photo_sets_hold_out_cutouts():
+    from harmonizer.pretrained import finetune
+
+    config = finetune.FinetuneConfig(resolution=64)
+    sets = finetune.build_photo_sets(config)
+    train_objects = {name.split(" on ")[0] for name in sets["train"].names}
+    test_objects = {name.split(" on ")[0] for name in sets["test"].names}
+    assert not train_objects & test_objects
+    assert test_objects == set(sets["cutouts"].names)
+    assert len(sets["train"]) == len(train_objects) * config.train_composites_per_cutout
+    assert len(sets["test"]) == len(test_objects) * config.test_composites_per_cutout
+    for name in ("train", "test", "cutouts"):
+        maps = sets[name].maps
+        assert maps.shape == (len(sets[name]), 64, 64)
+        assert 0.0 <= maps.min() and maps.max() <= 1.0
+        assert (maps.reshape(len(maps), -1).max(axis=1) > 0.5).all()
+    assert len(sets["photos"]) == 66
+
+
+def test_freeze_layers_keeps_late_blocks_trainable():
+    from harmonizer.pretrained import finetune
+
+    model = efficientnet_lite.build_efficientnet_lite0()
+    finetune.freeze_layers(model, first_trained_block=8, train_head=False)
+    assert not model.get_layer("stem_conv").trainable
+    assert not model.get_layer("block7_project_conv").trainable
+    assert model.get_layer("block8_expand_conv").trainable
+    assert not model.get_layer("logits").trainable
+    with_head = efficientnet_lite.build_efficientnet_lite0()
+    finetune.freeze_layers(with_head, first_trained_block=8, train_head=True)
+    assert with_head.get_layer("logits").trainable

@@ -60,13 +60,16 @@ class FinetuneConfig:
     test_composites_per_cutout: int = 6
     test_cutout_fraction: float = 0.25
     test_photo_fraction: float = 0.2
+    # Chosen on the photos' top-1 (a check, not a held-out tuning): Adam at 1e-4 with the head
+    # trained took top-1 on the exact photos from 0.83 to 0.26; 2e-5 with blocks 4-15 to 0.77;
+    # these values keep it at 0.83, and 150 steps of them drop it to 0.79.
     steps: int = 60
     batch_size: int = 8
-    learning_rate: float = 1e-4
-    harmonization_weight: float = 2.0
+    learning_rate: float = 1e-5
+    harmonization_weight: float = 20.0
     saliency_definition: str = saliency.ABS_MAX
     # Layers before this block keep their pretrained weights (they still pass gradients).
-    first_trained_block: int = 4
+    first_trained_block: int = 8
     # Whether the 1000-way head (head conv and logits) is trained. Frozen, fine-tuning on a few
     # classes cannot shift the output layer towards them.
     train_head: bool = False
