@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import keras
@@ -24,6 +25,11 @@ def _num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+# Modes of `BatchStatisticsReplay`.
+_RECORD = "record"
+_REPLAY = "replay"
+
+
 class BatchStatisticsReplay:
     """Reuse the batch moments of one training-mode forward pass in a second pass.
 
@@ -31,13 +37,15 @@ class BatchStatisticsReplay:
     and on k selected examples (for the saliency). Inside `recording`, every
     `ExactBatchNormalization` computes its moments as usual and they are stored. Inside
     `replaying`, each layer normalizes with the stored whole-batch moments instead of the
-    sub-batch's own, and its momentum is set to 1 so that the moving averages are updated
-    once per step, by the whole-batch pass. The stored moments are tensors of the first
-    pass, so gradients with respect to the weights flow through them, while a tape that
-    watches only the sub-batch images treats them as constants.
+    sub-batch's own, and the moving averages are restored afterwards, so they move once per
+    step, by the whole-batch pass. The stored moments are tensors of the first pass, so
+    gradients with respect to the weights flow through them, while a tape that watches only
+    the sub-batch images treats them as constants.
 
-    Both contexts act at trace time: they swap the layers' `batch_moments` method and
-    `momentum` for the duration of one backbone call and restore them on exit.
+    Both contexts act at trace time. While any thread is inside one, each layer's
+    `batch_moments` method is shadowed by an instance attribute that dispatches on the
+    calling thread's mode, because `MirroredStrategy` traces each replica's step in its own
+    thread, interleaved at cross-replica reductions.
     """
 
     def __init__(self, backbone: keras.Model):
@@ -52,63 +60,82 @@ class BatchStatisticsReplay:
                     "backbone with harmonizer.zoo (ExactBatchNormalization) or set "
                     "saliency_subbatch=0"
                 )
-        self._moments: dict[int, list[tuple[tf.Tensor, tf.Tensor]]] = {}
+        self._thread_state = threading.local()
+        self._lock = threading.Lock()
+        self._active_contexts = 0
+
+    def _state(self) -> threading.local:
+        state = self._thread_state
+        if not hasattr(state, "mode"):
+            state.mode = None
+            state.moments = {}
+            state.pending = {}
+        return state
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         """Store the moments each layer computes during the enclosed call."""
-        self._moments = {id(layer): [] for layer in self._layers}
-
-        def recorder(layer):
-            compute = layer.batch_moments
-
-            def batch_moments(inputs, mask=None):
-                moments = compute(inputs, mask)
-                self._moments[id(layer)].append(moments)
-                return moments
-
-            return batch_moments
-
-        with self._swapped({id(layer): recorder(layer) for layer in self._layers}):
+        self._state().moments = {id(layer): [] for layer in self._layers}
+        with self._mode(_RECORD):
             yield
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
-        """Normalize with the recorded moments, without moving-average updates."""
-        pending = {key: list(calls) for key, calls in self._moments.items()}
+        """Normalize with the recorded moments; undo the moving-average updates on exit."""
+        state = self._state()
+        state.pending = {key: list(calls) for key, calls in state.moments.items()}
+        # Automatic control dependencies order these reads before the layers' updates and
+        # the restoring assignments after them, because they share the variables.
+        snapshots = [
+            (variable, tf.identity(variable.value))
+            for layer in self._layers
+            for variable in (layer.moving_mean, layer.moving_variance)
+        ]
+        with self._mode(_REPLAY):
+            yield
+        for variable, value in snapshots:
+            variable.assign(value)
 
-        def replayer(layer):
-            def batch_moments(inputs, mask=None):
-                if not pending.get(id(layer)):
+    @contextlib.contextmanager
+    def _mode(self, mode: str) -> Iterator[None]:
+        state = self._state()
+        state.mode = mode
+        with self._lock:
+            if self._active_contexts == 0:
+                for layer in self._layers:
+                    # object.__setattr__ keeps the function out of Keras's tracking.
+                    object.__setattr__(layer, "batch_moments", self._dispatcher(layer))
+            self._active_contexts += 1
+        try:
+            yield
+        finally:
+            state.mode = None
+            with self._lock:
+                self._active_contexts -= 1
+                if self._active_contexts == 0:
+                    for layer in self._layers:
+                        object.__delattr__(layer, "batch_moments")
+
+    def _dispatcher(self, layer: hlayers.ExactBatchNormalization):
+        compute = layer.batch_moments
+
+        def batch_moments(inputs, mask=None):
+            state = self._state()
+            if state.mode == _RECORD:
+                moments = compute(inputs, mask)
+                state.moments[id(layer)].append(moments)
+                return moments
+            if state.mode == _REPLAY:
+                calls = state.pending.get(id(layer))
+                if not calls:
                     raise RuntimeError(
                         f"layer {layer.name!r} has no recorded batch moments to replay; "
                         "call the backbone inside recording() first, with the same layers"
                     )
-                return pending[id(layer)].pop(0)
+                return calls.pop(0)
+            return compute(inputs, mask)
 
-            return batch_moments
-
-        momenta = {id(layer): layer.momentum for layer in self._layers}
-        with self._swapped({id(layer): replayer(layer) for layer in self._layers}):
-            for layer in self._layers:
-                layer.momentum = 1.0
-            try:
-                yield
-            finally:
-                for layer in self._layers:
-                    layer.momentum = momenta[id(layer)]
-
-    @contextlib.contextmanager
-    def _swapped(self, methods) -> Iterator[None]:
-        # Instance attributes shadow the class method; object.__setattr__ keeps the
-        # functions out of Keras's variable and layer tracking.
-        for layer in self._layers:
-            object.__setattr__(layer, "batch_moments", methods[id(layer)])
-        try:
-            yield
-        finally:
-            for layer in self._layers:
-                object.__delattr__(layer, "batch_moments")
+        return batch_moments
 
 
 class Harmonizer(keras.Model):
