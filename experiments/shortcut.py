@@ -1,17 +1,17 @@
 """Run the shortcut benchmark: baseline vs harmonized models on a task with a spurious cue.
 
-The task (`harmonizer.shortcut`) classifies the texture of an object on a cluttered background;
-in the training split a corner patch of a class colour also predicts the label, in the test
-split it is random. The object masks are the maps. Every variant is trained with the same seed
-and the same number of steps (`harmonizer.shortcut_benchmark`), then scored on the test split:
-top-1, and alignment under both saliency definitions and both BatchNorm modes.
+The task (`harmonizer.shortcut`) classifies the texture of an object on a cluttered background.
+In the training split a corner patch of a class colour also predicts the label. In the test
+split the patch colour is random. The object masks are the maps. Every variant is trained with
+the same seed and the same number of steps (`harmonizer.shortcut_benchmark`), then scored on
+the test split: top-1, and alignment under both saliency definitions and both BatchNorm modes.
 
-Full benchmark (3 seeds x 3 variants + a map-coverage sweep at 30% and 10%), about 10 minutes
-on an idle 2-core CPU:
+Full benchmark (3 seeds x 3 variants + a map-coverage sweep at 30% and 10%, 15 models): 672 s
+measured on a 2-core machine shared with other jobs (load average 6-10):
 
     python -m experiments.shortcut --output_dir=runs/shortcut --figures_dir=docs/figures
 
-`--quick` runs one seed, fewer images and steps, and no sweep (about 2 minutes).
+`--quick` runs one seed, fewer images and steps, and no sweep (an estimated 1-2 minutes).
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ def build_photo_sets(
 
     ``cutouts`` are the test split's cut-outs as vendored (on white) with their masks. Whole
     images are resized to ``resolution`` squared (no crop, so the object stays in view).
-    ``photos`` are the plain photos whose manifest class is exact; they check that ImageNet
-    top-1 survives fine-tuning (those in the train split also serve as train backgrounds).
+    ``photos`` are the plain photos whose manifest class is exact, to check that ImageNet top-1
+    survives fine-tuning. NOTE: those of the train split also serve as train backgrounds.
     """
     source_dir = Path(source_dir)
     rng = np.random.default_rng(config.seed)
