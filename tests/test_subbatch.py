@@ -6,6 +6,11 @@ harmonization term of the selected mapped examples, whose saliency is each examp
 gradient with batch normalization using the whole-batch moments held constant in x.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -217,3 +222,87 @@ def test_plain_batch_norm_rejected():
     with pytest.raises(ValueError, match="'plain_bn' is a plain keras.layers.BatchNormalization"):
         Harmonizer(keras.Model(inputs, outputs), saliency_subbatch=2)
     Harmonizer(keras.Model(inputs, outputs), saliency_subbatch=0)
+
+
+TWO_REPLICA_SCRIPT = """
+import json
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+
+from harmonizer import zoo
+from harmonizer.model import Harmonizer
+
+rng = np.random.default_rng(0)
+features = {
+    "image": rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32"),
+    "map": rng.uniform(0, 1, (8, 32, 32)).astype("float32"),
+    # Replica 0 gets examples 0-3 and selects 1, 2; replica 1 gets 4-7 and selects 4, 7.
+    "has_map": np.array([0, 1, 1, 0, 1, 0, 0, 1], "float32"),
+}
+labels = rng.integers(0, 4, 8).astype("int32")
+keras.utils.set_random_seed(0)
+initial = zoo.build("small_cnn", num_classes=4, image_size=32).get_weights()
+
+
+def one_step(strategy, subbatch):
+    with strategy.scope():
+        backbone = zoo.build(
+            "small_cnn", num_classes=4, image_size=32, synchronized_batch_norm=True
+        )
+        backbone.set_weights(initial)
+        model = Harmonizer(backbone, saliency_subbatch=subbatch)
+        model.compile(optimizer=keras.optimizers.SGD(0.5), jit_compile=False)
+    dataset = tf.data.Dataset.from_tensors((features, labels))
+    logs = model.fit(dataset, epochs=1, verbose=0).history
+    weights = [w.tolist() for w in backbone.get_weights()]
+    return {name: values[-1] for name, values in logs.items()}, weights
+
+
+one_logs, one_weights = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), 4)
+two_logs, two_weights = one_step(
+    tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 2
+)
+print(json.dumps({
+    "logs": [one_logs, two_logs],
+    "max_weight_difference": max(
+        float(np.max(np.abs(np.array(a) - np.array(b))))
+        for a, b in zip(one_weights, two_weights)
+    ),
+    "max_weight_change": max(
+        float(np.max(np.abs(np.array(a) - np.array(b))))
+        for a, b in zip(one_weights, initial)
+    ),
+}))
+"""
+
+
+def test_two_replicas_match_one_device():
+    """Two replicas with k = 2 each equal one device with k = 4 when the selections agree.
+
+    It runs in a subprocess, because the CPU must be split into logical devices before
+    TensorFlow initializes.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_REPLICA_SCRIPT],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    one, two = report["logs"]
+    for name in ("loss", "cross_entropy", "harmonization", "weight_decay"):
+        assert two[name] == pytest.approx(one[name], rel=1e-4), name
+    assert one["harmonization"] > 0
+    assert one["subbatch_coverage"] == pytest.approx(1.0)
+    assert two["subbatch_coverage"] == pytest.approx(1.0)
+    assert report["max_weight_change"] > 1e-4
+    assert report["max_weight_difference"] < 1e-4 * max(1.0, report["max_weight_change"])
