@@ -1,9 +1,9 @@
 """Saliency sub-batch: the same loss and gradients as the formulas, in fewer second-order passes.
 
 The reference below writes a two-block conv net by hand with raw TensorFlow ops and computes the
-sub-batch objective from its definition: cross-entropy of the whole batch, plus the
-harmonization term of the selected mapped examples, whose saliency is each example's own input
-gradient with batch normalization using the whole-batch moments held constant in x.
+sub-batch objective from its definition. It is the cross-entropy of the whole batch plus the
+harmonization term of the selected mapped examples. Each of their saliencies is the example's
+own input gradient, with batch normalization using the whole-batch moments held constant in x.
 """
 
 import json
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harmonizer import data, losses
+from harmonizer import data, losses, zoo
 from harmonizer import layers as hlayers
 from harmonizer.model import Harmonizer
 
@@ -60,7 +60,8 @@ def photo_batch(tiny_records):
     features, labels = next(iter(data.build_dataset(config)))
     with_map = np.flatnonzero(features["has_map"].numpy())
     without_map = np.flatnonzero(features["has_map"].numpy() == 0)
-    assert len(with_map) >= 6 and len(without_map) >= 2, "fixture batch lacks mapped photos"
+    assert len(with_map) >= 6, "fixture batch has too few mapped photos"
+    assert len(without_map) >= 2, "fixture batch has too few unmapped photos"
     # Mapped and unmapped photos interleaved, so the selection has to skip unmapped ones.
     order = np.array([without_map[0], *with_map[:3], without_map[1], *with_map[3:6]])
     images = tf.gather(features["image"], order)
@@ -195,8 +196,6 @@ def test_without_batch_norm_equals_full_batch(photo_batch):
 
 def test_fit_with_subbatch_on_records(tiny_records):
     keras.utils.set_random_seed(0)
-    from harmonizer import zoo
-
     backbone = zoo.build("small_cnn", num_classes=1000, image_size=IMAGE_SIZE)
     model = Harmonizer(backbone, saliency_subbatch=4)
     model.compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.9))
