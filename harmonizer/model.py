@@ -198,9 +198,9 @@ class Harmonizer(keras.Model):
         self.pyramid_levels = int(pyramid_levels)
         self.num_classes = int(backbone.output_shape[-1])
         self.saliency_subbatch = int(saliency_subbatch)
-        self._statistics_replay = (
-            BatchStatisticsReplay(backbone) if self.saliency_subbatch else None
-        )
+        # A baseline (weight 0) never runs the sub-batch pass, so any backbone is accepted.
+        use_subbatch = self.saliency_subbatch > 0 and self.harmonization_weight > 0
+        self._statistics_replay = BatchStatisticsReplay(backbone) if use_subbatch else None
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.cross_entropy_tracker = keras.metrics.Mean(name="cross_entropy")
@@ -292,7 +292,7 @@ class Harmonizer(keras.Model):
         global_mapped = _replica_sum(tf.reduce_sum(has_map))
         decayed = self._decayed_weights()
         variables = self.trainable_variables
-        use_subbatch = self.saliency_subbatch > 0 and self.harmonization_weight > 0
+        use_subbatch = self._statistics_replay is not None
         harmonized_maps, harmonized_has_map = maps, has_map
 
         # Forward pass, saliency and every loss part under the outer tape.

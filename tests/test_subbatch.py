@@ -221,6 +221,7 @@ def test_plain_batch_norm_rejected():
     with pytest.raises(ValueError, match="'plain_bn' is a plain keras.layers.BatchNormalization"):
         Harmonizer(keras.Model(inputs, outputs), saliency_subbatch=2)
     Harmonizer(keras.Model(inputs, outputs), saliency_subbatch=0)
+    Harmonizer(keras.Model(inputs, outputs), harmonization_weight=0.0, saliency_subbatch=2)
 
 
 TWO_REPLICA_SCRIPT = """
