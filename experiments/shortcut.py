@@ -7,7 +7,7 @@ the same seed and the same number of steps (`harmonizer.shortcut_benchmark`), th
 the test split: top-1, and alignment under both saliency definitions and both BatchNorm modes.
 
 Full benchmark (3 seeds x 3 variants + a map-coverage sweep at 30% and 10%, 15 models): 672 s
-measured on a 2-core machine shared with other jobs (load average 6-10):
+and 452 s in two runs on a 2-core machine shared with other jobs (identical metrics):
 
     python -m experiments.shortcut --output_dir=runs/shortcut --figures_dir=docs/figures
 
