@@ -28,6 +28,8 @@ CROP_MAX_ATTEMPTS = 10
 # Resize to image_size / 0.875 then center-crop image_size, the ImageNet evaluation convention.
 CENTER_CROP_FRACTION = 0.875
 DEFAULT_SHUFFLE_BUFFER = 1024
+# Files that tfrecords.build writes beside the shards (manifest, TFDS metadata, lists).
+METADATA_SUFFIXES = (".json", ".txt", ".tmp")
 # Maps are stored as 8-bit PNGs.
 MAP_MAX_VALUE = 255.0
 
@@ -62,10 +64,18 @@ class PipelineConfig:
             raise ValueError(
                 f"center_crop_fraction must be in (0, 1], got {self.center_crop_fraction}"
             )
-        if not tf.io.gfile.glob(self.file_pattern):
+        files = tf.io.gfile.glob(self.file_pattern)
+        if not files:
             raise ValueError(
                 f"no TFRecord files match {self.file_pattern!r}; build them with "
                 "`python -m tfrecords.build` or fix the data directory"
+            )
+        # The builder writes JSON metadata next to the shards; a broad glob would read it.
+        metadata = sorted(f for f in files if f.endswith(METADATA_SUFFIXES))
+        if metadata:
+            raise ValueError(
+                f"{self.file_pattern!r} also matches metadata files such as {metadata[0]!r}, "
+                "which are not TFRecords; use a shard pattern such as '<dir>/val-*'"
             )
 
 

@@ -46,6 +46,11 @@ def pyramid_down(maps: tf.Tensor) -> tf.Tensor:
     return blurred[..., 0]
 
 
+def min_map_side(levels: int = DEFAULT_PYRAMID_LEVELS) -> int:
+    """Return the smallest map side, in pixels, that a ``levels``-level pyramid accepts."""
+    return 2 ** (levels - 1) * 2
+
+
 def gaussian_pyramid(maps: tf.Tensor, levels: int = DEFAULT_PYRAMID_LEVELS) -> list[tf.Tensor]:
     """Return the ``levels`` levels of the Gaussian pyramid of [B, H, W] maps, finest first.
 
@@ -55,7 +60,7 @@ def gaussian_pyramid(maps: tf.Tensor, levels: int = DEFAULT_PYRAMID_LEVELS) -> l
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     height, width = maps.shape[-2], maps.shape[-1]
-    min_side = 2 ** (levels - 1) * 2
+    min_side = min_map_side(levels)
     if height is not None and width is not None and min(height, width) < min_side:
         raise ValueError(
             f"maps of {height}x{width} pixels are too small for a {levels}-level pyramid; "

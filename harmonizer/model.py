@@ -341,7 +341,8 @@ class Harmonizer(keras.Model):
         self.loss_tracker.update_state(total)
         self.cross_entropy_tracker.update_state(mean_cross_entropy)
         self.harmonization_tracker.update_state(harmonization_total)
-        self.weight_decay_tracker.update_state(decay)
+        # The weighted term, so that the logged parts add up to the logged loss.
+        self.weight_decay_tracker.update_state(self.weight_decay * decay)
         self.accuracy_tracker.update_state(self._top1(logits, targets))
         self.mapped_fraction_tracker.update_state(tf.reduce_mean(has_map))
         if self.saliency_subbatch:

@@ -16,13 +16,15 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from harmonizer import data, export, zoo
+from harmonizer import data, export, losses, zoo
 from harmonizer.model import Harmonizer
 from harmonizer.schedules import WarmupCosine
 
 NUM_IMAGENET_CLASSES = 1000
 TRAIN_PATTERN = "train-*"
 VALIDATION_PATTERN = "val-*"
+# About this many progress lines per run (at least one per epoch).
+PROGRESS_LINES = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,18 @@ class TrainConfig:
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (
                 0 <= self.warmup_epochs < self.epochs,
-                f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}",
+                (
+                    f"warmup_epochs must be in [0, epochs={self.epochs}), got "
+                    f"{self.warmup_epochs}; pass a smaller --warmup_epochs with a short --epochs"
+                ),
+            ),
+            (
+                self.image_size >= losses.min_map_side(),
+                (
+                    f"image_size must be >= {losses.min_map_side()} pixels for the "
+                    f"{losses.DEFAULT_PYRAMID_LEVELS}-level pyramid of the harmonization loss "
+                    f"(also computed at validation), got {self.image_size}"
+                ),
             ),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (
@@ -221,8 +234,16 @@ def train_model(config: TrainConfig) -> tuple[Harmonizer, dict]:
         train_data,
         epochs=int(math.ceil(total_steps / steps_per_epoch)),
         steps_per_epoch=steps_per_epoch,
-        callbacks=[ProgressLogger(config.batch_size, steps_per_epoch)],
+        callbacks=[
+            ProgressLogger(
+                config.batch_size,
+                steps_per_epoch,
+                every_steps=max(steps_per_epoch, total_steps // PROGRESS_LINES),
+            )
+        ],
         verbose=0,
+        # The pipeline shuffles; Keras cannot shuffle a tf.data.Dataset and would warn.
+        shuffle=False,
     )
     results = {"config": dataclasses.asdict(config), "steps": total_steps}
     results["train"] = {k: float(v[-1]) for k, v in history.history.items()}

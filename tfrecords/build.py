@@ -635,6 +635,13 @@ def build(config: BuildConfig) -> dict[str, Any]:
         FileNotFoundError: if a split folder is missing.
     """
     config.validate()
+    import tensorflow as tf  # Imported on use, as in `sources`: workers run without TF.
+
+    if config.maps_dir and not tf.io.gfile.isdir(config.maps_dir):
+        raise FileNotFoundError(
+            f"maps_dir={config.maps_dir!r} is not a folder; fix the path, or pass "
+            "--maps_dir='' to build records without maps"
+        )
     runner = _Runner(config.num_workers, config.show_progress)
     try:
         plan = make_plan(config, runner)
@@ -642,6 +649,16 @@ def build(config: BuildConfig) -> dict[str, Any]:
     finally:
         runner.close()
     totals = manifest["totals"]
+    for skip in manifest["skipped"]:
+        logging.warning("skipped %s/%s: %s", skip["split"], skip["file"], skip["reason"])
+    if config.maps_dir and not any(
+        counts.get("num_with_map") for counts in manifest["splits"].values()
+    ):
+        logging.warning(
+            "no example got a map from maps_dir=%r: check that it holds <split>/.../<image "
+            "stem>.png|.npy files named like the images",
+            config.maps_dir,
+        )
     logging.info(
         "wrote %d examples to %s; %d of %d files skipped, %d map files unused (reasons in %s)",
         totals["examples"],
