@@ -127,15 +127,23 @@ class TrainingCheckpoint:
         """Restore the newest complete checkpoint, if any, and return its step (0 if none).
 
         Raises:
-            AssertionError: From ``assert_existing_objects_matched`` when the checkpoint was
-                written by another model or optimizer.
+            ValueError: When the checkpoint was written by another model or optimizer (for
+                example a run of another ``--model`` in the same ``model_dir``).
         """
         path = self.latest
         if path is None:
             return 0
         # The optimizer creates its slots lazily; build them so they restore now.
         self.model.optimizer.build(self.model.trainable_variables)
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+        try:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        except (AssertionError, ValueError) as error:
+            name = getattr(self.model, "backbone", self.model).name
+            raise ValueError(
+                f"checkpoint {path} does not match this model ({name}): "
+                "it was written by another model or optimizer; use a new --model_dir, or "
+                "delete that one to start over"
+            ) from error
         step = current_step(self.model)
         logging.info("Restored %s at step %d.", path, step)
         return step
