@@ -8,7 +8,7 @@ DEMO_DIR ?= runs/demo
 # Two pytest workers: one per core of the reference 2-core CI machine.
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean shortcut lite0
 
 install: $(STAMP)
 
@@ -21,6 +21,15 @@ $(STAMP): setup.py
 
 demo: install
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m experiments.demo --output_dir=$(DEMO_DIR)
+
+# The CPU-scale results of docs/results.md (about 10 and 3 minutes on 2 idle cores).
+shortcut: install
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m experiments.shortcut --output_dir=runs/shortcut \
+		--figures_dir=runs/shortcut/figures
+
+lite0: install
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m experiments.finetune_lite0 --output_dir=runs/lite0 \
+		--figures_dir=runs/lite0/figures
 
 lint: install
 	$(BIN)/ruff check .
