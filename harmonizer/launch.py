@@ -11,19 +11,16 @@ a few steps at a small image size so that an accelerator flagfile can be tried o
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import keras
 import tensorflow as tf
-from absl import logging
 
 from harmonizer import (
     augment,
     checkpointing,
     data,
     distribute,
-    export,
     layers,
     schedules,
     training,
@@ -230,16 +227,5 @@ def run(config: training.TrainConfig, options: LaunchOptions) -> dict:
     }
     if history is not None:
         results["train"] = {key: float(values[-1]) for key, values in history.history.items()}
-    if validation_data is not None:
-        evaluated = model.evaluate(validation_data, verbose=0, return_dict=True)
-        results["validation"] = {key: float(value) for key, value in evaluated.items()}
-        logging.info("Validation: %s", results["validation"])
-    if config.export:
-        export.export_model(
-            model.backbone,
-            os.path.join(config.model_dir, "export"),
-            extra_info={"harmonization_weight": config.harmonization_weight},
-        )
-    with tf.io.gfile.GFile(os.path.join(config.model_dir, "results.json"), "w") as file:
-        json.dump(results, file, indent=2)
+    training.finish_run(model, config, validation_data, results)
     return results

@@ -247,11 +247,17 @@ def train_model(config: TrainConfig) -> tuple[Harmonizer, dict]:
     )
     results = {"config": dataclasses.asdict(config), "steps": total_steps}
     results["train"] = {k: float(v[-1]) for k, v in history.history.items()}
+    finish_run(model, config, validation_data, results)
+    return model, results
+
+
+def finish_run(
+    model: Harmonizer, config: TrainConfig, validation_data: tf.data.Dataset | None, results: dict
+) -> None:
+    """Add validation metrics to ``results``, export the backbone and write results.json."""
     if validation_data is not None:
-        results["validation"] = {
-            k: float(v)
-            for k, v in model.evaluate(validation_data, verbose=0, return_dict=True).items()
-        }
+        evaluated = model.evaluate(validation_data, verbose=0, return_dict=True)
+        results["validation"] = {key: float(value) for key, value in evaluated.items()}
         logging.info("validation: %s", results["validation"])
     if config.export:
         export.export_model(
@@ -261,7 +267,6 @@ def train_model(config: TrainConfig) -> tuple[Harmonizer, dict]:
         )
     with tf.io.gfile.GFile(os.path.join(config.model_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    return model, results
 
 
 def read_flagfile(path: str) -> dict[str, str]:
