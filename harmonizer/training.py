@@ -1,7 +1,8 @@
 """Build and run a training job from a validated configuration.
 
-`experiments/train.py` turns flags into a `TrainConfig` and calls `train`; tests and the demo
-call `train` directly.
+`experiments/train.py` turns flags into a `TrainConfig` and runs it through `harmonizer.launch`,
+which adds distribution, checkpoints and resume. The demo and the tests call `train` or
+`train_model` here, a single-device run without checkpoints.
 """
 
 from __future__ import annotations
