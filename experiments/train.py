@@ -164,12 +164,12 @@ def main(argv):
     options = options_from_flags()
     if FLAGS.local:
         config, options = launch.local_overrides(config, options)
-    # Invalid flags end with a one-line message instead of a traceback.
+    # Invalid flags end with a one-line message, without a traceback or the flag help.
     try:
         config.validate()
         options.validate(config.epochs)
     except ValueError as error:
-        raise app.UsageError(str(error)) from error
+        raise SystemExit(f"error: {error}") from error
     results = launch.run(config, options)
     logging.info("done: %s", results.get("validation", results.get("train")))
 

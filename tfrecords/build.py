@@ -749,26 +749,34 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     splits = tuple(FLAGS.splits)
-    build(
-        BuildConfig(
-            input_dir=FLAGS.input_dir,
-            output_dir=FLAGS.output_dir,
-            splits=splits,
-            num_shards=parse_num_shards(FLAGS.num_shards, splits),
-            maps_dir=FLAGS.maps_dir,
-            map_source=FLAGS.map_source,
-            seed=FLAGS.seed,
-            max_shorter_side=FLAGS.max_shorter_side,
-            map_blur_sigma=FLAGS.map_blur_sigma,
-            clickme_files=parse_split_globs(FLAGS.clickme_files),
-            unmatched_clickme=FLAGS.unmatched_clickme,
-            clickme_min_correlation=FLAGS.clickme_min_correlation,
-            num_workers=FLAGS.num_workers,
-            overwrite=FLAGS.overwrite,
-            show_progress=FLAGS.progress,
-            tfds_metadata=FLAGS.tfds_metadata,
-        )
+    try:
+        num_shards = parse_num_shards(FLAGS.num_shards, splits)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    config = BuildConfig(
+        input_dir=FLAGS.input_dir,
+        output_dir=FLAGS.output_dir,
+        splits=splits,
+        num_shards=num_shards,
+        maps_dir=FLAGS.maps_dir,
+        map_source=FLAGS.map_source,
+        seed=FLAGS.seed,
+        max_shorter_side=FLAGS.max_shorter_side,
+        map_blur_sigma=FLAGS.map_blur_sigma,
+        clickme_files=parse_split_globs(FLAGS.clickme_files),
+        unmatched_clickme=FLAGS.unmatched_clickme,
+        clickme_min_correlation=FLAGS.clickme_min_correlation,
+        num_workers=FLAGS.num_workers,
+        overwrite=FLAGS.overwrite,
+        show_progress=FLAGS.progress,
+        tfds_metadata=FLAGS.tfds_metadata,
     )
+    # Invalid arguments end with a one-line message, without a traceback or the flag help.
+    try:
+        config.validate()
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    build(config)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,13 @@ flags.DEFINE_string("output", None, "Path of the JSON result; default: print onl
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    result = ceiling.ceiling_from_folder(
-        FLAGS.maps_dir, FLAGS.num_splits, FLAGS.seed, FLAGS.image_size or None
-    )
+    try:
+        result = ceiling.ceiling_from_folder(
+            FLAGS.maps_dir, FLAGS.num_splits, FLAGS.seed, FLAGS.image_size or None
+        )
+    except (FileNotFoundError, ValueError) as error:
+        # Both name the folder or the maps at fault; a traceback would add nothing.
+        raise SystemExit(f"error: {error}") from error
     logging.info("scored %d maps of %d images", result["maps"], result["images"])
     text = json.dumps(result, indent=2)
     if FLAGS.output:

@@ -129,8 +129,14 @@ def read_participant_maps(
         Per-image map stacks, per-image participant ids, and the image ids.
 
     Raises:
+        FileNotFoundError: if ``root`` is not a folder.
         ValueError: if no image folder has maps, or an image's maps differ in size.
     """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"maps folder {root!r} not found; pass --maps_dir=<folder of <image>/<participant>"
+            ".png maps>"
+        )
     maps_by_image, participants_by_image, image_ids = [], [], []
     for image_id in sorted(os.listdir(root)):
         folder = os.path.join(root, image_id)
