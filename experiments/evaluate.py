@@ -170,7 +170,8 @@ def main(argv):
         with contextlib.redirect_stdout(sys.stderr):
             report = run_evaluation(_config_from_flags())
     except ValueError as error:
-        raise app.UsageError(str(error)) from error
+        # One line, without the flag help that app.UsageError would print first.
+        raise SystemExit(f"error: {error}") from error
     text = json.dumps(report, indent=2)
     if FLAGS.output:
         with tf.io.gfile.GFile(FLAGS.output, "w") as f:

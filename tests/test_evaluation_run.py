@@ -102,3 +102,14 @@ def test_invalid_config_is_rejected(changes, message):
 
     with pytest.raises(ValueError, match=message):
         config.validate()
+
+
+def test_image_size_other_than_model_rejected(export_dir, tiny_records):
+    config = run.EvaluationConfig(
+        model_path=export_dir,
+        data_pattern=os.path.join(tiny_records, "val-*"),
+        image_size=2 * IMAGE_SIDE,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=f"does not match the {IMAGE_SIDE}-pixel input"):
+        run.run_evaluation(config)

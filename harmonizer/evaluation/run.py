@@ -338,6 +338,11 @@ def run_evaluation(config: EvaluationConfig) -> dict[str, Any]:
     """
     config.validate()
     model = load_configured_model(config)
+    if config.image_size and model.image_size and config.image_size != model.image_size:
+        raise ValueError(
+            f"image_size={config.image_size} does not match the {model.image_size}-pixel input "
+            "of the model; drop --image_size to use the model's own size"
+        )
     image_size = config.image_size or model.image_size or models.DEFAULT_IMAGE_SIZE
     if config.figures_dir:
         os.makedirs(config.figures_dir, exist_ok=True)
