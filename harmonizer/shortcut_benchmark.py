@@ -7,7 +7,7 @@ number of steps for a given seed); only the loss differs:
 * ``paper``: cross-entropy plus the harmonization term of Fel et al. (NeurIPS 2022) on the
   signed saliency.
 * ``abs``: cross-entropy plus the same term on the absolute saliency
-  (`harmonizer.losses_extra.SaliencyDefinitionHarmonizer` with ``abs_max``).
+  (`harmonizer.model.Harmonizer` with ``saliency_definition="abs_max"``).
 
 Each model is scored on the unbiased test split (the corner patch is independent of the label)
 for top-1 and for alignment with the object masks under both saliency definitions and both
@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from harmonizer import alignment, saliency, shortcut
 from harmonizer import layers as hlayers
-from harmonizer.losses_extra import SaliencyDefinitionHarmonizer
+from harmonizer.model import Harmonizer
 
 VARIANTS = {
     "baseline": (0.0, saliency.SIGNED_MEAN),
@@ -131,9 +131,7 @@ def train_variant(
         weight = config.harmonization_weight
     keras.utils.set_random_seed(seed)
     backbone = build_tiny_cnn(config.task.num_classes, config.task.image_size, config.batch_norm)
-    model = SaliencyDefinitionHarmonizer(
-        backbone, saliency_definition=definition, harmonization_weight=weight
-    )
+    model = Harmonizer(backbone, saliency_definition=definition, harmonization_weight=weight)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
     dataset = _training_dataset(train, has_map, config.batch_size, seed)
     model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=0)

@@ -10,7 +10,7 @@ import scipy.stats
 import tensorflow as tf
 
 from harmonizer import alignment, losses, metrics, saliency, shortcut, shortcut_benchmark
-from harmonizer.losses_extra import SaliencyDefinitionHarmonizer
+from harmonizer.model import Harmonizer
 
 SMALL = shortcut.ShortcutConfig(image_size=32, num_classes=4, object_size_range=(12, 16))
 
@@ -198,7 +198,7 @@ def test_score_saliency_rejects_bad_input(kwargs, message):
 def test_abs_harmonizer_rejects_unknown_definition():
     backbone = shortcut_benchmark.build_tiny_cnn(4, 32)
     with pytest.raises(ValueError, match="saliency_definition"):
-        SaliencyDefinitionHarmonizer(backbone, saliency_definition="abs_mean")
+        Harmonizer(backbone, saliency_definition="abs_mean")
 
 
 def test_abs_harmonizer_trains_abs_saliency():
@@ -207,7 +207,7 @@ def test_abs_harmonizer_trains_abs_saliency():
     keras.utils.set_random_seed(0)
     split = shortcut.generate_split(SMALL, 8, biased=True, seed=0)
     backbone = shortcut_benchmark.build_tiny_cnn(4, 32)
-    model = SaliencyDefinitionHarmonizer(backbone, saliency_definition="abs_max")
+    model = Harmonizer(backbone, saliency_definition="abs_max")
     model.compile(optimizer=keras.optimizers.SGD(0.0))
     images = split.images.astype(np.float32)
     expected_saliency = saliency.saliency_maps(backbone, images, split.labels, "abs_max")

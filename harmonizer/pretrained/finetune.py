@@ -24,7 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from harmonizer import alignment, saliency
-from harmonizer.losses_extra import SaliencyDefinitionHarmonizer
+from harmonizer.model import Harmonizer
 from harmonizer.pretrained import efficientnet_lite
 from tfrecords import make_tiny
 
@@ -206,7 +206,7 @@ def finetune(config: FinetuneConfig, train: PhotoSet, log=print) -> tuple[keras.
     backbone = pretrained_backbone(config)
     efficientnet_lite.freeze_batch_norm(backbone)
     freeze_layers(backbone, config.first_trained_block, config.train_head)
-    model = SaliencyDefinitionHarmonizer(
+    model = Harmonizer(
         backbone,
         saliency_definition=config.saliency_definition,
         harmonization_weight=config.harmonization_weight,
