@@ -9,7 +9,7 @@ Every example carries one ImageNet image and, when one exists, its feature-impor
 * ``map/encoded``: the map as single-channel 8-bit PNG bytes, empty when there is no map. The
   map may have another resolution than the image: it covers the same field of view, so the input
   pipeline crops it with normalized coordinates.
-* ``map/has_map``: 1 when ``map/encoded`` holds a map, 0 otherwise.
+* ``map/has_map``: 1 when ``map/encoded`` contains a map, 0 otherwise.
 * ``map/source``: where the map came from (``none``, ``file``, ``clickme``, ``silhouette``).
 """
 

@@ -231,7 +231,7 @@ def _residual_block(x, filters: int, strides: int, name: str):
 def _build_small_resnet(
     num_classes: int, image_size: int, widths: tuple[int, ...] = SMALL_RESNET_WIDTHS
 ) -> keras.Model:
-    """A stem conv and one basic residual block per width, each after the first at stride 2."""
+    """Build a stem conv, then one residual block per width (stride 2 after the first)."""
     inputs = keras.Input((image_size, image_size, 3))
     x = _conv_bn_relu(inputs, widths[0], strides=1, name="stem")
     for index, filters in enumerate(widths):
@@ -373,7 +373,7 @@ def _build_vit(
     dropout: float = 0.0,
     name: str = "vit_backbone",
 ) -> keras.Model:
-    """A Vision Transformer: patch embedding, class token, pre-norm encoder, linear head."""
+    """Build a Vision Transformer: patch embedding, class token, pre-norm encoder, linear head."""
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}.")
     inputs = keras.Input((image_size, image_size, 3))

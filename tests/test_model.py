@@ -28,7 +28,7 @@ def fixed_batch(tiny_records: str):
 
 
 def harmonization_on(model: Harmonizer, batch) -> float:
-    """The harmonization term of a batch with BatchNorm in training mode, as the step sees it."""
+    """Return the harmonization term of a batch with BatchNorm in training mode, as in a step."""
     features, labels = batch
     gradients, _ = saliency.input_gradients(
         model.backbone, features["image"], labels, training=True
