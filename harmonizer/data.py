@@ -70,13 +70,21 @@ class PipelineConfig:
                 f"no TFRecord files match {self.file_pattern!r}; build them with "
                 "`python -m tfrecords.build` or fix the data directory"
             )
-        # The builder writes JSON metadata next to the shards; a broad glob would read it.
-        metadata = sorted(f for f in files if f.endswith(METADATA_SUFFIXES))
-        if metadata:
-            raise ValueError(
-                f"{self.file_pattern!r} also matches metadata files such as {metadata[0]!r}, "
-                "which are not TFRecords; use a shard pattern such as '<dir>/val-*'"
-            )
+        reject_metadata_files(files, self.file_pattern)
+
+
+def reject_metadata_files(files: list[str], pattern: str) -> None:
+    """Raise ValueError if a glob matched the JSON or text files written beside the shards.
+
+    A broad pattern such as ``<dir>/*`` would otherwise feed `manifest.json` to the TFRecord
+    reader, which fails with a corrupt-record error that names no file.
+    """
+    metadata = sorted(f for f in files if f.endswith(METADATA_SUFFIXES))
+    if metadata:
+        raise ValueError(
+            f"{pattern!r} also matches metadata files such as {metadata[0]!r}, which are not "
+            "TFRecords; use a shard pattern such as '<dir>/val-*'"
+        )
 
 
 def _decode_map(example: dict[str, tf.Tensor]) -> tf.Tensor:

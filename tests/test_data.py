@@ -1,5 +1,7 @@
 """Input pipeline: record round trip, joint crop/flip of image and map, eval path, batching."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -137,3 +139,15 @@ def test_missing_shards_name_the_pattern(tmp_path):
     config = data.PipelineConfig(str(tmp_path / "train-*"), 8, 32, training=True)
     with pytest.raises(ValueError, match="no TFRecord files match .*train-\\*"):
         data.build_dataset(config)
+
+
+def test_glob_matching_manifest_rejected(tiny_records):
+    manifest = os.path.join(tiny_records, "manifest.json")
+    with open(manifest, "w") as f:
+        f.write("{}")
+    try:
+        config = data.PipelineConfig(f"{tiny_records}/*", 8, 32, training=False)
+        with pytest.raises(ValueError, match="also matches metadata files such as .*manifest"):
+            data.build_dataset(config)
+    finally:
+        os.remove(manifest)

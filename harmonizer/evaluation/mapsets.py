@@ -98,6 +98,7 @@ def _list_files(patterns: Sequence[str] | str, what: str) -> list[str]:
     files = sorted({path for pattern in patterns for path in tf.io.gfile.glob(pattern)})
     if not files:
         raise ValueError(f"no {what} files match {patterns}; check the path or glob pattern")
+    hdata.reject_metadata_files(files, ", ".join(patterns))
     return files
 
 
